@@ -1,0 +1,65 @@
+"""The ``qlora-med`` console script: builds nested sub-commands from ``qlora_med.commands``."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import pkgutil
+import sys
+from types import ModuleType
+
+from qlora_med import __version__, commands
+from qlora_med.errors import QloraMedError
+
+
+def _command_modules() -> list[ModuleType]:
+    modules = []
+    for info in pkgutil.iter_modules(commands.__path__):
+        module = importlib.import_module(f"{commands.__name__}.{info.name}")
+        if hasattr(module, "NAME"):
+            modules.append(module)
+    return sorted(modules, key=lambda m: m.NAME)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="qlora-med",
+        description="QLoRA fine-tuning of LLaVA-style biomedical assistants (research use only).",
+    )
+    parser.add_argument("--version", action="version", version=f"qlora-med {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    groups: dict[tuple[str, ...], argparse._SubParsersAction] = {(): parser.add_subparsers(dest="command")}
+    for module in _command_modules():
+        path = tuple(module.NAME.split())
+        for depth in range(1, len(path)):
+            prefix = path[:depth]
+            if prefix not in groups:
+                group = groups[path[: depth - 1]].add_parser(prefix[-1], help=f"{prefix[-1]} commands")
+                groups[prefix] = group.add_subparsers(dest=f"command_{depth}")
+        sub = groups[path[:-1]].add_parser(path[-1], help=module.HELP, description=module.HELP)
+        module.add_arguments(sub)
+        sub.set_defaults(func=module.main)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    if not hasattr(args, "func"):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except QloraMedError as err:
+        logging.getLogger("qlora_med").error("%s", err)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,29 @@
+"""``qlora-med validate RECIPE``: check a recipe (keys, types, files, combinations) without loading a model."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+NAME = "validate"
+HELP = "check a recipe's keys, types, files and combinations without loading any model"
+logger = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("recipe")
+    parser.add_argument("overrides", nargs="*", help="dotted.key=value")
+    parser.add_argument("--no-files", action="store_true", help="skip checks that files and folders exist")
+
+
+def main(args: argparse.Namespace) -> int:
+    from qlora_med.config import load_recipe, validate_paths
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    if not args.no_files:
+        validate_paths(recipe)
+    for stage in recipe.stages:
+        logger.info("%s: %-8s template=%s train=%s lr=%g projector_lr=%g", stage.name, stage.kind, stage.template,
+                    stage.train, stage.learning_rate, stage.projector_lr)
+    logger.info("%s: valid", args.recipe)
+    return 0

@@ -1,0 +1,355 @@
+"""The recipe schema: typed dataclasses, loaded from YAML with ``dotted.key=value`` overrides.
+
+Precedence: dataclass defaults < stage-kind presets (``qlora_med.stages``) < YAML < overrides.
+Every key is documented once, in its field's ``metadata["help"]``; values are checked in
+``__post_init__`` and cross-field rules in :func:`validate_recipe`, before any model loads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from qlora_med.errors import ConfigError
+from qlora_med.stages import STAGE_PRESETS, TEMPLATES, TrainSpec
+
+
+def _f(default: Any = dataclasses.MISSING, help: str = "", **kw: Any) -> Any:  # noqa: A002
+    """A dataclass field with documentation."""
+    if isinstance(default, (list, dict)):
+        value = default
+        return field(default_factory=lambda: type(value)(value), metadata={"help": help}, **kw)
+    if dataclasses.is_dataclass(default):
+        value = default
+        return field(default_factory=lambda: dataclasses.replace(value), metadata={"help": help}, **kw)
+    return field(default=default, metadata={"help": help}, **kw)
+
+
+@dataclass
+class TinyModelConfig:
+    """Builds a tiny LLaVA from config (CLIP + Mistral, real Mistral-v0.2 tokenizer): demo and tests."""
+
+    image_size: int = _f(56, "vision input size in pixels")
+    patch_size: int = _f(14, "ViT patch size")
+    vision_hidden: int = _f(32, "CLIP hidden size")
+    vision_layers: int = _f(2, "CLIP encoder layers")
+    vision_heads: int = _f(2, "CLIP attention heads")
+    text_hidden: int = _f(64, "Mistral hidden size")
+    text_intermediate: int = _f(128, "Mistral MLP size")
+    text_layers: int = _f(2, "Mistral decoder layers")
+    text_heads: int = _f(4, "Mistral attention heads")
+    text_kv_heads: int = _f(2, "Mistral key/value heads")
+    lm_head_std: float = _f(0.1, "init std of the (frozen) lm_head; large enough for LoRA to move logits")
+    seed: int = _f(0, "initialisation seed")
+
+
+@dataclass
+class ModelConfig:
+    """Where the LLaVA comes from and how it is quantized."""
+
+    name_or_path: str | None = _f(
+        None, "HF-format LLaVA checkpoint dir (LlavaForConditionalGeneration + processor)"
+    )
+    vision_tower: str | None = _f(None, "compose mode: CLIP vision model dir")
+    llm: str | None = _f(None, "compose mode: LLM dir (Mistral or Llama family)")
+    projector_type: Literal["linear", "mlp2x_gelu"] = _f("mlp2x_gelu", "compose mode: fresh projector type")
+    vision_feature_layer: int = _f(-2, "compose mode: CLIP layer whose features feed the projector")
+    image_token: str = _f("<image>", "placeholder token for the image in prompts")
+    image_aspect: Literal["pad", "crop"] = _f(
+        "pad", "pad to square with the processor mean colour (LLaVA-Med v1.5) or centre-crop"
+    )
+    tiny: TinyModelConfig | None = _f(None, "build a tiny model from config into name_or_path (demo/tests)")
+    quantization: Literal["nf4", "int8", "none"] = _f("nf4", "LLM linear layers: NF4 (QLoRA), int8, or none")
+    double_quant: bool = _f(True, "NF4 double quantization of the absmax constants")
+    compute_dtype: Literal["auto", "bf16", "fp16", "fp32"] = _f(
+        "auto", "auto: bf16 on GPUs that support it, fp32 on CPUs without native bf16"
+    )
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = _f(
+        "auto", "auto: flash_attention_2 when flash-attn is installed on CUDA, else sdpa"
+    )
+    cache_dir: str = _f(".cache/qlora-med", "where composed and tiny models are built once")
+
+    def __post_init__(self) -> None:
+        sources = [self.name_or_path is not None, self.vision_tower is not None or self.llm is not None]
+        if not any(sources):
+            raise ConfigError("model: set model.name_or_path, or model.vision_tower + model.llm to compose")
+        if sources[1] and (self.vision_tower is None or self.llm is None):
+            raise ConfigError("model: compose mode needs both model.vision_tower and model.llm")
+        if all(sources):
+            raise ConfigError("model: set either model.name_or_path or model.vision_tower + model.llm, not both")
+        if self.tiny is not None and self.name_or_path is None:
+            raise ConfigError("model.tiny: needs model.name_or_path (the directory to build the tiny model in)")
+
+
+@dataclass
+class LoraConfig:
+    """LoRA adapters on the LLM's linear layers (never on the vision tower or projector)."""
+
+    r: int = _f(16, "adapter rank")
+    alpha: int = _f(32, "scaling numerator (scale = alpha / r)")
+    dropout: float = _f(0.05, "dropout on the adapter input")
+    target_modules: list[str] = _f(
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        "LLM linear layer names to adapt (default: all of them)",
+    )
+
+    def __post_init__(self) -> None:
+        if self.r <= 0 or self.alpha <= 0:
+            raise ConfigError(f"lora: r and alpha must be positive, got r={self.r} alpha={self.alpha}")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"lora.dropout must be in [0, 1), got {self.dropout}")
+        if not self.target_modules:
+            raise ConfigError("lora.target_modules is empty: list the LLM linear layers to adapt")
+
+
+@dataclass
+class DataConfig:
+    """One training data file in a LLaVA-Med format."""
+
+    path: str = _f(help="JSON list or JSONL of LLaVA-Med records")
+    image_folder: str = _f(help="folder the records' `image` paths are relative to")
+    on_bad_record: Literal["error", "skip"] = _f(
+        "error", "error: stop at the first unusable record; skip: count, log and drop it"
+    )
+    verify_images: bool = _f(False, "open every image before training (slow on 500K records)")
+    max_records: int | None = _f(None, "use only the first N records (smoke runs)")
+
+
+@dataclass
+class StageConfig:
+    """One curriculum stage. Unset fields come from the stage kind's preset in ``qlora_med.stages``."""
+
+    name: str = _f(help="stage name: output subfolder and override address (stages.NAME.key=value)")
+    kind: Literal["align", "instruct", "vqa"] = _f(help="align (stage 1), instruct (stage 2) or vqa fine-tune")
+    data: DataConfig = _f(help="training data")
+    template: str | None = _f(None, f"prompt template: one of {sorted(TEMPLATES)}")
+    train: TrainSpec | None = _f(None, "what the stage trains: projector full|frozen, llm lora|frozen")
+    learning_rate: float | None = _f(None, "LoRA adapter learning rate")
+    projector_lr: float | None = _f(None, "projector learning rate (its own optimizer param group)")
+    num_epochs: float = _f(1.0, "epochs over the data")
+    max_steps: int = _f(-1, "optimizer steps; -1 means use num_epochs")
+    per_device_batch_size: int = _f(4, "micro-batch per device")
+    gradient_accumulation_steps: int = _f(1, "micro-batches per optimizer step")
+    max_length: int = _f(2048, "token limit incl. image tokens; longer samples are truncated")
+    warmup_ratio: float = _f(0.03, "linear warm-up share of the steps")
+    lr_scheduler: str = _f("cosine", "transformers scheduler name")
+    weight_decay: float = _f(0.0, "AdamW weight decay")
+    optim: str = _f("adamw_torch", "transformers optimizer name, e.g. adamw_torch, paged_adamw_8bit")
+    max_grad_norm: float = _f(1.0, "gradient clipping norm")
+    gradient_checkpointing: bool = _f(True, "recompute activations in backward to save memory")
+    save_steps: int = _f(500, "checkpoint every N optimizer steps")
+    save_total_limit: int = _f(2, "complete checkpoints kept per stage")
+    logging_steps: int = _f(10, "log loss every N steps")
+    dataloader_workers: int = _f(0, "DataLoader worker processes (image decoding)")
+
+    def __post_init__(self) -> None:
+        preset = STAGE_PRESETS[self.kind]
+        self.template = self.template or preset.template
+        self.train = self.train or dataclasses.replace(preset.train)
+        self.learning_rate = self.learning_rate if self.learning_rate is not None else preset.learning_rate
+        self.projector_lr = self.projector_lr if self.projector_lr is not None else preset.projector_lr
+        if self.template not in TEMPLATES:
+            near = difflib.get_close_matches(self.template, TEMPLATES, n=1)
+            hint = f" (did you mean '{near[0]}'?)" if near else ""
+            raise ConfigError(
+                f"stages.{self.name}.template: unknown template '{self.template}'{hint}; "
+                f"choose one of {sorted(TEMPLATES)}"
+            )
+        for key in ("per_device_batch_size", "gradient_accumulation_steps", "max_length", "save_steps"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"stages.{self.name}.{key} must be positive, got {getattr(self, key)}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ConfigError(f"stages.{self.name}.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.max_steps == 0 or self.max_steps < -1:
+            raise ConfigError(f"stages.{self.name}.max_steps must be -1 (use num_epochs) or positive")
+
+
+@dataclass
+class RecipeConfig:
+    """A whole run: the model, the adapters and the curriculum stages, in order."""
+
+    output_dir: str = _f(help="run directory: one subfolder per stage")
+    model: ModelConfig = _f(help="base model")
+    stages: list[StageConfig] = _f(help="curriculum stages, run in order")
+    lora: LoraConfig = _f(LoraConfig(), "LoRA adapter settings")
+    seed: int = _f(42, "seed for adapter init, data order and dropout")
+    report_to: str = _f("none", "transformers report_to (none, tensorboard, wandb)")
+
+    def __post_init__(self) -> None:
+        names = [s.name for s in self.stages]
+        if not names:
+            raise ConfigError("stages: the recipe has no stages")
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ConfigError(f"stages: duplicate stage names {dupes}; names must be unique")
+
+    def stage(self, name: str) -> StageConfig:
+        """The stage called ``name``, or a ConfigError naming the valid ones."""
+        for stage in self.stages:
+            if stage.name == name:
+                return stage
+        raise ConfigError(f"no stage '{name}' in the recipe; stages are {[s.name for s in self.stages]}")
+
+
+# ---------------------------------------------------------------- loading
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _convert(value: Any, tp: Any, where: str) -> Any:
+    """Check/convert a YAML value against a type hint, raising ConfigError naming ``where``."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _convert(value, arg, where)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(errors[0])
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            near = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+            hint = f" (did you mean '{near[0]}'?)" if near else ""
+            raise ConfigError(f"{where}: '{value}' is not one of {list(choices)}{hint}")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {type(value).__name__} {value!r}")
+        (item_tp,) = typing.get_args(tp)
+        return [_convert(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping of {tp.__name__} keys, got {value!r}")
+        return _build(tp, value, where)
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str):
+        try:
+            return float(value)  # YAML reads "2e-4" as a string
+        except ValueError:
+            pass
+    if tp is bool and not isinstance(value, bool):
+        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    if tp is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if tp in (str, float) and not isinstance(value, tp):
+        raise ConfigError(f"{where}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _build(cls: type, data: dict[str, Any], where: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        path = f"{where}.{key}" if where else key
+        if key not in fields:
+            near = difflib.get_close_matches(key, fields, n=1)
+            hint = f"; did you mean '{near[0]}'?" if near else f"; valid keys: {sorted(fields)}"
+            raise ConfigError(f"unknown key '{path}'{hint}")
+        kwargs[key] = _convert(value, hints[key], path)
+    missing = [
+        n
+        for n, f in fields.items()
+        if n not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
+    if missing:
+        prefix = f"{where}." if where else ""
+        raise ConfigError(f"missing required key(s): {', '.join(prefix + m for m in missing)}")
+    return cls(**kwargs)
+
+
+def _apply_override(data: dict[str, Any], override: str) -> None:
+    """Apply ``a.b.c=value``; list items (stages) are addressed by their ``name``."""
+    if "=" not in override:
+        raise ConfigError(f"override '{override}' must look like dotted.key=value")
+    dotted, raw = override.split("=", 1)
+    value = yaml.safe_load(raw) if raw.strip() else None
+    node: Any = data
+    parts = dotted.split(".")
+    for i, part in enumerate(parts[:-1]):
+        if isinstance(node, list):
+            match = [item for item in node if isinstance(item, dict) and item.get("name") == part]
+            if not match:
+                names = [item.get("name") for item in node if isinstance(item, dict)]
+                raise ConfigError(f"override '{dotted}': no item named '{part}' (have {names})")
+            node = match[0]
+        else:
+            node = node.setdefault(part, {})
+            if not isinstance(node, (dict, list)):
+                raise ConfigError(f"override '{dotted}': '{'.'.join(parts[: i + 1])}' is not a mapping")
+    node[parts[-1]] = value
+
+
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> RecipeConfig:
+    """Read a recipe YAML, apply overrides and return the validated config (no model is loaded)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"recipe file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from err
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a recipe is a mapping of keys, got {type(data).__name__}")
+    for override in overrides:
+        _apply_override(data, override)
+    try:
+        return _build(RecipeConfig, data, "")
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
+
+
+def recipe_to_dict(recipe: Any) -> dict[str, Any]:
+    """The resolved config as plain data (what is saved next to every output)."""
+    return dataclasses.asdict(recipe)
+
+
+def save_resolved(recipe: Any, path: Path) -> None:
+    """Write the resolved config YAML atomically."""
+    from qlora_med.checkpoint import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False))
+
+
+def validate_paths(recipe: RecipeConfig) -> None:
+    """Files and folders named by the recipe exist; combinations are possible. Runs before any load."""
+    model = recipe.model
+    for key in ("name_or_path", "vision_tower", "llm"):
+        value = getattr(model, key)
+        if value is None or (key == "name_or_path" and model.tiny is not None):
+            continue
+        if not Path(value).is_dir():
+            raise ConfigError(
+                f"model.{key}: directory '{value}' not found; download the model there first "
+                "(this kit never fetches weights at run time)"
+            )
+    for stage in recipe.stages:
+        where = f"stages.{stage.name}"
+        if not Path(stage.data.path).is_file():
+            raise ConfigError(f"{where}.data.path: file '{stage.data.path}' not found")
+        if not Path(stage.data.image_folder).is_dir():
+            raise ConfigError(f"{where}.data.image_folder: folder '{stage.data.image_folder}' not found")
+        if stage.train.projector == "frozen" and stage.train.llm == "frozen":
+            raise ConfigError(f"{where}.train: nothing to train (projector and llm both frozen)")
+        if stage.template == "plain" and stage.kind != "align":
+            raise ConfigError(
+                f"{where}.template: 'plain' (image then caption) is for align stages; "
+                "use mistral_instruct, vicuna_v1 or llava_med_v1"
+            )

@@ -1,0 +1,1 @@
+"""Reading, checking and preparing LLaVA-Med datasets."""

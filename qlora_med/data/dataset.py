@@ -1,0 +1,120 @@
+"""Turn records into a tokenized ``datasets.Dataset`` and batches (images decoded lazily, per batch)."""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import datasets
+import torch
+
+from qlora_med.data.images import load_image, mean_colour, to_square
+from qlora_med.data.records import Record
+from qlora_med.errors import DataError, QloraMedError
+from qlora_med.templates import IGNORE_INDEX, encode, render
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class EncodeStats:
+    """What happened while encoding a stage's records."""
+
+    records: int = 0
+    truncated: int = 0
+    dropped: Counter = field(default_factory=Counter)
+    lengths: list[int] = field(default_factory=list)
+
+
+def encode_records(
+    records: list[Record],
+    processor,
+    template: str,
+    num_image_tokens: int,
+    max_length: int,
+    image_token: str = "<image>",
+    source: str = "",
+) -> tuple[datasets.Dataset, EncodeStats]:
+    """Render, tokenize and mask every record; returns the dataset and counts (truncated, dropped)."""
+    tok = processor.tokenizer
+    image_token_id = tok.convert_tokens_to_ids(image_token)
+    stats = EncodeStats(records=len(records))
+    rows: dict[str, list[Any]] = {"id": [], "image": [], "input_ids": [], "labels": []}
+    for record in records:
+        rendered = render(template, record.rounds, image_token, tok.bos_token, tok.eos_token)
+        try:
+            enc = encode(tok, rendered, image_token_id, num_image_tokens, max_length)
+        except ValueError as err:
+            raise QloraMedError(f"{source}: record {record.id}: {err}") from None
+        if all(label == IGNORE_INDEX for label in enc.labels):
+            stats.dropped["no_answer_tokens_after_truncation"] += 1
+            continue
+        stats.truncated += enc.truncated
+        stats.lengths.append(len(enc.input_ids))
+        rows["id"].append(record.id)
+        rows["image"].append(str(record.image))
+        rows["input_ids"].append(enc.input_ids)
+        rows["labels"].append(enc.labels)
+    if stats.truncated:
+        logger.warning("%s: %d of %d sample(s) truncated to max_length=%d (image tokens kept)",
+                       source, stats.truncated, stats.records, max_length)
+    if stats.dropped:
+        logger.warning("%s: dropped %s", source, dict(stats.dropped))
+    if not rows["id"]:
+        raise DataError(f"{source}: no sample has answer tokens within max_length={max_length}")
+    return datasets.Dataset.from_dict(rows), stats
+
+
+class VisionCollator:
+    """Loads and preprocesses the batch's images and pads token ids / labels.
+
+    With ``on_bad_record="skip"`` an unreadable image drops that sample from the batch (counted
+    in ``self.skipped``); otherwise it raises a DataError naming the file and record.
+    """
+
+    def __init__(self, processor, image_aspect: str, on_bad_record: str = "error") -> None:
+        self.processor = processor
+        self.image_aspect = image_aspect
+        self.on_bad_record = on_bad_record
+        self.background = mean_colour(processor.image_processor)
+        self.pad_id = processor.tokenizer.pad_token_id
+        self.skipped = 0
+
+    def pixel_values(self, paths: list[str], ids: list[str]) -> tuple[torch.Tensor, list[int]]:
+        images, kept = [], []
+        for i, (path, rid) in enumerate(zip(paths, ids, strict=True)):
+            try:
+                img = load_image(path, self.background, rid)
+            except DataError:
+                if self.on_bad_record == "error":
+                    raise
+                self.skipped += 1
+                logger.warning("skipping record %s: unreadable image %s", rid, Path(path).name)
+                continue
+            images.append(to_square(img, self.image_aspect, self.background))
+            kept.append(i)
+        if not images:
+            raise DataError(f"every image in a batch was unreadable: {ids}")
+        return self.processor.image_processor(images, return_tensors="pt")["pixel_values"], kept
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        pixel_values, kept = self.pixel_values([f["image"] for f in features], [f["id"] for f in features])
+        features = [features[i] for i in kept]
+        longest = max(len(f["input_ids"]) for f in features)
+        input_ids = torch.full((len(features), longest), self.pad_id, dtype=torch.long)
+        labels = torch.full((len(features), longest), IGNORE_INDEX, dtype=torch.long)
+        attention_mask = torch.zeros((len(features), longest), dtype=torch.long)
+        for row, f in enumerate(features):
+            n = len(f["input_ids"])
+            input_ids[row, :n] = torch.tensor(f["input_ids"])
+            labels[row, :n] = torch.tensor(f["labels"])
+            attention_mask[row, :n] = 1
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "labels": labels,
+            "pixel_values": pixel_values,
+        }

@@ -1,0 +1,1 @@
+"""Evaluation: the paper's VQA metrics, generation and chat scoring."""

@@ -1,0 +1,143 @@
+"""Run curriculum stages: build model and data, hand them to the trainer, save ``final/``.
+
+A stage whose ``final/`` exists is skipped; an unfinished stage resumes from its last complete
+checkpoint. Each stage starts from the previous stage's ``final/`` (projector, and adapters).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from qlora_med.checkpoint import atomic_dir, atomic_write_text, last_complete_checkpoint, save_trainable
+from qlora_med.config import RecipeConfig, StageConfig, save_resolved, validate_paths
+from qlora_med.data.dataset import VisionCollator, encode_records
+from qlora_med.data.records import load_records
+from qlora_med.model import base_model_dir, load_model, resolve_compute_dtype, setup_trainable
+from qlora_med.plotting import plot_loss
+
+logger = logging.getLogger(__name__)
+
+
+def num_image_tokens(model_config) -> int:
+    """Image tokens per image for a CLIP tower with the 'default' strategy (CLS dropped)."""
+    vision = model_config.vision_config
+    n = (vision.image_size // vision.patch_size) ** 2
+    return n + (1 if model_config.vision_feature_select_strategy == "full" else 0)
+
+
+def stage_dir(recipe: RecipeConfig, stage: StageConfig) -> Path:
+    return Path(recipe.output_dir) / stage.name
+
+
+def previous_final(recipe: RecipeConfig, stage: StageConfig) -> Path | None:
+    index = [s.name for s in recipe.stages].index(stage.name)
+    if index == 0:
+        return None
+    final = stage_dir(recipe, recipe.stages[index - 1]) / "final"
+    if not final.is_dir():
+        raise FileNotFoundError(
+            f"stage '{stage.name}' starts from '{recipe.stages[index - 1].name}', which has no {final}; "
+            "run the earlier stage first (qlora-med run runs all stages in order)"
+        )
+    return final
+
+
+def _versions() -> dict[str, str]:
+    import peft
+    import transformers
+    import trl
+
+    return {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
+            "trl": trl.__version__}
+
+
+def _hardware() -> str:
+    if torch.cuda.is_available():
+        return f"{torch.cuda.device_count()}x {torch.cuda.get_device_name()}"
+    return f"CPU {platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
+
+
+def train_stage(recipe: RecipeConfig, stage: StageConfig) -> dict:
+    """Train one stage (resuming if a checkpoint exists) and write its ``final/``; returns stage.json."""
+    from qlora_med.trainer import StageTrainer, sft_config
+
+    out = stage_dir(recipe, stage)
+    final = out / "final"
+    previous = previous_final(recipe, stage)
+    out.mkdir(parents=True, exist_ok=True)
+    save_resolved(recipe, out / "resolved_config.yaml")
+    start = time.time()
+
+    compute_dtype = resolve_compute_dtype(recipe.model.compute_dtype)
+    base_dir = base_model_dir(recipe.model)
+    model, processor = load_model(recipe.model, base_dir, compute_dtype)
+    model = setup_trainable(model, stage.train, recipe.lora, previous, stage.gradient_checkpointing)
+
+    records = load_records(stage.data.path, stage.data.image_folder, stage.data.on_bad_record, stage.data.max_records)
+    dataset, stats = encode_records(
+        records, processor, stage.template, num_image_tokens(model.config), stage.max_length,
+        recipe.model.image_token, source=stage.data.path,
+    )
+    logger.info("stage %s: %d samples from %s (template %s, %d truncated)",
+                stage.name, len(dataset), stage.data.path, stage.template, stats.truncated)
+
+    trainer = StageTrainer(
+        model=model,
+        args=sft_config(stage, out, recipe.seed, compute_dtype, recipe.report_to),
+        train_dataset=dataset,
+        data_collator=VisionCollator(processor, recipe.model.image_aspect, stage.data.on_bad_record),
+        processing_class=processor,
+        projector_lr=stage.projector_lr,
+        save_total_limit=stage.save_total_limit,
+    )
+    resume = last_complete_checkpoint(out)
+    if resume is not None:
+        logger.info("stage %s: resuming from %s", stage.name, resume)
+    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    info = {
+        "stage": stage.name, "kind": stage.kind, "base_model": str(base_dir),
+        "previous_stage": previous.parent.name if previous else None, "template": stage.template,
+        "quantization": recipe.model.quantization, "compute_dtype": str(compute_dtype).replace("torch.", ""),
+        "image_aspect": recipe.model.image_aspect, "train": asdict(stage.train),
+        "lora": asdict(recipe.lora) if hasattr(model, "peft_config") else None,
+        "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
+        "steps": trainer.state.global_step, "samples": len(dataset), "truncated": stats.truncated,
+        "skipped_images": trainer.data_collator.skipped, "wall_time_s": round(time.time() - start, 1),
+        "hardware": _hardware(), "versions": _versions(),
+    }
+    with atomic_dir(final) as tmp:
+        save_trainable(trainer.accelerator.unwrap_model(trainer.model), tmp)
+        processor.save_pretrained(tmp)
+        save_resolved(recipe, tmp / "resolved_config.yaml")
+        atomic_write_text(tmp / "log_history.json", json.dumps(trainer.state.log_history, indent=1))
+        atomic_write_text(tmp / "stage.json", json.dumps(info, indent=1))
+        plot_loss(trainer.state.log_history, tmp / "loss.png", f"{stage.name} ({stage.kind})")
+    logger.info("stage %s done: loss %.4f -> %.4f over %d steps; artefacts in %s",
+                stage.name, info["loss_first"] or float("nan"), info["loss_last"] or float("nan"),
+                info["steps"], final)
+    return info
+
+
+def run_recipe(recipe: RecipeConfig, only: str | None = None) -> list[dict]:
+    """Run every stage in order (or only ``only``), skipping finished ones."""
+    validate_paths(recipe)
+    Path(recipe.output_dir).mkdir(parents=True, exist_ok=True)
+    save_resolved(recipe, Path(recipe.output_dir) / "resolved_config.yaml")
+    results = []
+    for stage in [recipe.stage(only)] if only else recipe.stages:
+        final = stage_dir(recipe, stage) / "final"
+        if final.is_dir():
+            logger.info("stage %s already finished (%s): skipping", stage.name, final)
+            results.append(json.loads((final / "stage.json").read_text()))
+            continue
+        results.append(train_stage(recipe, stage))
+    return results

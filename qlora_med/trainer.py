@@ -1,0 +1,123 @@
+"""TRL ``SFTTrainer`` configured for a curriculum stage.
+
+What it changes, and why:
+- optimizer param groups: LoRA adapters and the projector each get their own learning rate;
+- trainable weights stay fp32 master weights (TRL casts every trainable parameter of a quantized
+  model to bf16, which would also make the projector bf16 and is ~10x slower on CPUs);
+- checkpoints hold only the adapter + projector (+ optimizer, scheduler, RNG, trainer state), are
+  marked complete only after everything is written, and rotation never deletes the last complete one;
+- a stage whose LLM is frozen (projector only) is allowed on a quantized base: nothing quantized trains.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from trl import SFTConfig, SFTTrainer
+
+from qlora_med.checkpoint import (
+    load_trainable,
+    mark_complete,
+    projector_module,
+    rotate_checkpoints,
+    save_trainable,
+)
+from qlora_med.config import StageConfig
+
+logger = logging.getLogger(__name__)
+
+
+def sft_config(stage: StageConfig, output_dir: Path, seed: int, compute_dtype: torch.dtype, report_to: str) -> SFTConfig:
+    """The SFTConfig for a stage (our collator does templating, masking and truncation)."""
+    on_gpu = torch.cuda.is_available()
+    return SFTConfig(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=stage.per_device_batch_size,
+        gradient_accumulation_steps=stage.gradient_accumulation_steps,
+        num_train_epochs=stage.num_epochs,
+        max_steps=stage.max_steps,
+        learning_rate=stage.learning_rate,
+        lr_scheduler_type=stage.lr_scheduler,
+        warmup_steps=stage.warmup_ratio,  # a float in [0, 1) is a ratio of the total steps
+        weight_decay=stage.weight_decay,
+        optim=stage.optim,
+        max_grad_norm=stage.max_grad_norm,
+        logging_steps=stage.logging_steps,
+        logging_first_step=True,
+        save_strategy="steps",
+        save_steps=stage.save_steps,
+        save_total_limit=None,  # rotation is ours, after a checkpoint is marked complete
+        seed=seed,
+        data_seed=seed,
+        bf16=on_gpu and compute_dtype == torch.bfloat16,
+        fp16=on_gpu and compute_dtype == torch.float16,
+        gradient_checkpointing=stage.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+        dataloader_num_workers=stage.dataloader_workers,
+        remove_unused_columns=False,
+        dataset_kwargs={"skip_prepare_dataset": True},
+        max_length=None,  # truncation already done, image tokens kept
+        report_to=report_to,
+        disable_tqdm=False,
+    )
+
+
+class StageTrainer(SFTTrainer):
+    """SFTTrainer with projector param group, fp32 trainables and adapter+projector checkpoints."""
+
+    def __init__(self, *args, projector_lr: float, save_total_limit: int, **kwargs) -> None:
+        model = kwargs["model"]
+        dtypes = {n: p.dtype for n, p in model.named_parameters() if p.requires_grad}
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        if getattr(base, "is_quantized", False) and not hasattr(model, "peft_config"):
+            # transformers refuses to train a quantized model without adapters; here only the
+            # full-precision projector trains, which is exactly what the paper's stage 1 does.
+            base._hf_peft_config_loaded = True
+        super().__init__(*args, **kwargs)
+        for name, param in self.model.named_parameters():
+            if name in dtypes and param.dtype != dtypes[name]:
+                param.data = param.data.to(dtypes[name])
+        self.projector_lr = projector_lr
+        self.keep_checkpoints = save_total_limit
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is not None:
+            return self.optimizer
+        model = self.model if model is None else model
+        projector_ids = {id(p) for p in projector_module(model).parameters()}
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        adapter = [p for _n, p in named if id(p) not in projector_ids]
+        projector = [p for _n, p in named if id(p) in projector_ids]
+        groups = []
+        if adapter:
+            groups.append({"params": adapter, "lr": self.args.learning_rate, "weight_decay": self.args.weight_decay})
+        if projector:
+            groups.append({"params": projector, "lr": self.projector_lr, "weight_decay": self.args.weight_decay})
+        optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, model)
+        optimizer_kwargs.pop("lr", None)
+        self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
+        logger.info(
+            "optimizer %s: %d adapter tensors @ lr %g, %d projector tensors @ lr %g",
+            optimizer_cls.__name__, len(adapter), self.args.learning_rate, len(projector), self.projector_lr,
+        )
+        return self.optimizer
+
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        if self.args.should_save:
+            save_trainable(self.accelerator.unwrap_model(self.model), Path(output_dir or self.args.output_dir))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        load_trainable(model if model is not None else self.model, Path(resume_from_checkpoint))
+        logger.info("resumed adapter and projector from %s", resume_from_checkpoint)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        super()._save_checkpoint(model, trial)
+        if self.args.should_save:
+            checkpoint = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
+            mark_complete(checkpoint)
+            rotate_checkpoints(Path(self.args.output_dir), self.keep_checkpoints)
+
+    def create_model_card(self, *args, **kwargs) -> None:
+        """Model cards are written by ``qlora-med push``, not into every checkpoint."""
