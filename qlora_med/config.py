@@ -131,6 +131,9 @@ class StageConfig:
     data: DataConfig = _f(help="training data")
     template: str | None = _f(None, f"prompt template: one of {sorted(TEMPLATES)}")
     train: TrainSpec | None = _f(None, "what the stage trains: projector full|frozen, llm lora|frozen")
+    init_from: str | None = _f(
+        None, "a stage 'final/' dir to start from (projector, adapters); default: the previous stage here"
+    )
     learning_rate: float | None = _f(None, "LoRA adapter learning rate")
     projector_lr: float | None = _f(None, "projector learning rate (its own optimizer param group)")
     num_epochs: float = _f(1.0, "epochs over the data")
@@ -230,7 +233,10 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
         if not isinstance(value, list):
             raise ConfigError(f"{where}: expected a list, got {type(value).__name__} {value!r}")
         (item_tp,) = typing.get_args(tp)
-        return [_convert(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
+        def item_where(i: int, v: Any) -> str:  # stages are named by their name, like overrides
+            return f"{where}.{v['name']}" if isinstance(v, dict) and "name" in v else f"{where}[{i}]"
+
+        return [_convert(v, item_tp, item_where(i, v)) for i, v in enumerate(value)]
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
@@ -346,6 +352,11 @@ def validate_paths(recipe: RecipeConfig) -> None:
             raise ConfigError(f"{where}.data.path: file '{stage.data.path}' not found")
         if not Path(stage.data.image_folder).is_dir():
             raise ConfigError(f"{where}.data.image_folder: folder '{stage.data.image_folder}' not found")
+        if stage.init_from is not None and not (Path(stage.init_from) / "projector.safetensors").is_file():
+            raise ConfigError(
+                f"{where}.init_from: '{stage.init_from}' has no projector.safetensors; "
+                "point it at a finished stage's final/ folder (e.g. runs/x/instruct/final)"
+            )
         if stage.train.projector == "frozen" and stage.train.llm == "frozen":
             raise ConfigError(f"{where}.train: nothing to train (projector and llm both frozen)")
         if stage.template == "plain" and stage.kind != "align":

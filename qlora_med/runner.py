@@ -37,6 +37,9 @@ def stage_dir(recipe: RecipeConfig, stage: StageConfig) -> Path:
 
 
 def previous_final(recipe: RecipeConfig, stage: StageConfig) -> Path | None:
+    """Where a stage starts from: ``init_from``, else the previous stage's ``final/``, else the base."""
+    if stage.init_from is not None:
+        return Path(stage.init_from)
     index = [s.name for s in recipe.stages].index(stage.name)
     if index == 0:
         return None
@@ -66,6 +69,8 @@ def _hardware() -> str:
 
 def train_stage(recipe: RecipeConfig, stage: StageConfig) -> dict:
     """Train one stage (resuming if a checkpoint exists) and write its ``final/``; returns stage.json."""
+    from transformers import set_seed
+
     from qlora_med.trainer import StageTrainer, sft_config
 
     out = stage_dir(recipe, stage)
@@ -75,6 +80,7 @@ def train_stage(recipe: RecipeConfig, stage: StageConfig) -> dict:
     save_resolved(recipe, out / "resolved_config.yaml")
     start = time.time()
 
+    set_seed(recipe.seed)  # adapter init and dropout are reproducible across runs
     compute_dtype = resolve_compute_dtype(recipe.model.compute_dtype)
     base_dir = base_model_dir(recipe.model)
     model, processor = load_model(recipe.model, base_dir, compute_dtype)
@@ -105,7 +111,7 @@ def train_stage(recipe: RecipeConfig, stage: StageConfig) -> dict:
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     info = {
         "stage": stage.name, "kind": stage.kind, "base_model": str(base_dir),
-        "previous_stage": previous.parent.name if previous else None, "template": stage.template,
+        "previous_stage": str(previous) if previous else None, "template": stage.template,
         "quantization": recipe.model.quantization, "compute_dtype": str(compute_dtype).replace("torch.", ""),
         "image_aspect": recipe.model.image_aspect, "train": asdict(stage.train),
         "lora": asdict(recipe.lora) if hasattr(model, "peft_config") else None,
