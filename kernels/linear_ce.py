@@ -78,7 +78,10 @@ class ChunkedLinearCEFunction(torch.autograd.Function):
                 if need_w:
                     grad_w += (grad.t() @ h_c).float()
         ctx.save_for_backward(index, grad_h, grad_w, grad_b)
-        ctx.hidden_shape, ctx.dtypes = hidden.shape, (hidden.dtype, weight.dtype, getattr(bias, "dtype", None))
+        ctx.hidden_shape, ctx.dtypes = (
+            hidden.shape,
+            (hidden.dtype, weight.dtype, getattr(bias, "dtype", None)),
+        )
         return loss / normaliser
 
     @staticmethod
@@ -134,8 +137,9 @@ def linear_cross_entropy(
         from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
 
         total = liger_fused_linear_cross_entropy(
-            h2.index_select(0, index), weight, targets, bias, ignore_index=ignore_index, reduction="sum"
-        )
+            h2.index_select(0, index), weight, targets, bias, ignore_index=ignore_index, reduction="sum",
+            accum_dtype=torch.float32 if weight.requires_grad else None,  # fp32 [V, H] grad only if trained
+        )  # fmt: skip
         return total.float() / normaliser
     chunk = chunk_size or default_chunk_size(weight.shape[0])
     return ChunkedLinearCEFunction.apply(h2, weight, bias, index, targets, normaliser, chunk)

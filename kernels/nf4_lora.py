@@ -231,7 +231,7 @@ def nf4_dequantize(weight: NF4Weight, dtype: torch.dtype = torch.float32) -> tor
     """Dequantize the whole weight with the Triton kernel (same tile code as the fused matmul)."""
     numel = weight.shape[0] * weight.shape[1]
     out = torch.empty(weight.shape, dtype=dtype, device=weight.packed.device)
-    block = 1024
+    block = _pow2(numel, 1024, 16384) if interpreter_enabled() else 1024
     _nf4_dequant_kernel[(triton.cdiv(numel, block),)](
         *_state_args(weight), out, numel, BLOCKSIZE=weight.blocksize, BLOCKSIZE2=weight.blocksize2,
         NESTED=weight.nested, IDX64=numel + block >= 2**31, INTERPRET=interpreter_enabled(), BLOCK=block,
@@ -263,6 +263,8 @@ def nf4_lora_matmul(
         return out
     has_lora = lora_u is not None and lora_v is not None
     rank = lora_u.shape[1] if has_lora else 0
+    if rank > 256:
+        raise ValueError(f"LoRA rank {rank} > 256 is not supported by the fused kernel")
     u = lora_u if has_lora else a
     v = lora_v if has_lora else a
     if interpreter_enabled():  # few, large programs: the interpreter pays per program
@@ -279,7 +281,7 @@ def nf4_lora_matmul(
         out.stride(0), out.stride(1),
         BLOCKSIZE=weight.blocksize, BLOCKSIZE2=weight.blocksize2, NESTED=weight.nested,
         TRANS_W=transpose_w, HAS_LORA=has_lora, HAS_BIAS=bias is not None,
-        IDX64=n_out * k_in + 2 * bp * bq >= 2**31, INTERPRET=interpreter_enabled(),
+        IDX64=n_out * k_in >= 2**31, INTERPRET=interpreter_enabled(),
         PRECISION="ieee" if fp32_ieee else "tf32",
         BLOCK_M=bm, BLOCK_P=bp, BLOCK_Q=bq, BLOCK_R=_pow2(rank, 16, 256), GROUP_M=8,
         num_warps=warps, num_stages=stages,
@@ -287,8 +289,18 @@ def nf4_lora_matmul(
     return out
 
 
-def _matmul(a, weight, transpose_w, u, v, scale, bias, backend):  # noqa: ANN001, ANN202
-    """Dispatch ``a @ op(W) + scale * u @ v + bias`` to Triton or to bitsandbytes dequant + torch."""
+def _matmul(
+    a: torch.Tensor,
+    weight: NF4Weight,
+    transpose_w: bool,
+    u: torch.Tensor | None,
+    v: torch.Tensor | None,
+    scale: float,
+    bias: torch.Tensor | None,
+    backend: str,
+) -> torch.Tensor:
+    """``a @ op(W) + scale * u @ v + bias`` with Triton, or bitsandbytes dequant (to the weight's
+    original dtype, as ``bnb.matmul_4bit`` does) + torch matmul; the dequantized W is freed at once."""
     if backend == "triton":
         return nf4_lora_matmul(a, weight, transpose_w, u, v, scale, bias)
     w = dequantize_4bit(weight.packed.view(-1, 1), weight.quant_state).to(a.dtype)
