@@ -10,6 +10,7 @@ import sys
 from types import ModuleType
 
 from qlora_med import __version__, commands
+from qlora_med.distributed import quiet_non_main_ranks
 from qlora_med.errors import QloraMedError
 
 
@@ -45,12 +46,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # key=value overrides may follow options: `train R.yaml --stage x a.b=1`
+        if hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+            args.overrides = [*args.overrides, *extra]
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    quiet_non_main_ranks()
     if not hasattr(args, "func"):
         parser.print_help()
         return 2

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -46,7 +47,7 @@ class TinyModelConfig:
     text_layers: int = _f(2, "Mistral decoder layers")
     text_heads: int = _f(4, "Mistral attention heads")
     text_kv_heads: int = _f(2, "Mistral key/value heads")
-    lm_head_std: float = _f(0.1, "init std of the (frozen) lm_head; large enough for LoRA to move logits")
+    lm_head_std: float = _f(0.2, "init std of the (frozen) lm_head; large enough for LoRA to move logits")
     seed: int = _f(0, "initialisation seed")
 
 
@@ -110,11 +111,43 @@ class LoraConfig:
 
 
 @dataclass
+class KernelsConfig:
+    """Fused kernels and the loss path; each choice is resolved for the device and logged at start-up."""
+
+    liger: Literal["auto", "on", "off"] = _f(
+        "auto", "Liger RMSNorm/RoPE/SwiGLU in the LLM. auto: on where Triton compiles (CUDA), off on CPU"
+    )
+    nf4_lora: Literal["auto", "on", "off"] = _f(
+        "auto",
+        "fused NF4 dequant + matmul + LoRA forward/backward for the LLM's LoRA layers. auto/on: Triton on "
+        "CUDA, the same autograd function with a PyTorch matmul on CPU (as fast as PEFT there, less memory)",
+    )
+    loss: Literal["auto", "chunked", "trl", "full"] = _f(
+        "auto",
+        "chunked: our chunked linear cross-entropy over labelled tokens only (no entropy/accuracy metrics); "
+        "trl: SFTTrainer's fused LM head (with metrics); full: plain logits. auto: chunked on CPU, trl on CUDA",
+    )
+    chunk_size: int | None = _f(None, "rows per chunk of the chunked loss; default: ~256 MiB of fp32 logits")
+
+    def __post_init__(self) -> None:
+        if self.chunk_size is not None and self.chunk_size <= 0:
+            raise ConfigError(f"kernels.chunk_size must be positive or null, got {self.chunk_size}")
+
+
+@dataclass
 class DataConfig:
-    """One training data file in a LLaVA-Med format."""
+    """One training data source in a LLaVA-Med format; a stage may mix several (see ``weight``)."""
 
     path: str = _f(help="JSON list or JSONL of LLaVA-Med records")
     image_folder: str = _f(help="folder the records' `image` paths are relative to")
+    name: str | None = _f(
+        None, "label in logs; in a list of sources, the override address (stages.S.data.NAME.weight=2)"
+    )
+    weight: float = _f(
+        1.0,
+        "samples drawn from this source per epoch = round(weight x its usable samples): 2 uses every "
+        "sample twice, 0.5 a random half fixed by the recipe seed (qlora_med.data.build.draw_indices)",
+    )
     on_bad_record: Literal["error", "skip"] = _f(
         "error", "error: stop at the first unusable record; skip: count, log and drop it"
     )
@@ -128,7 +161,9 @@ class StageConfig:
 
     name: str = _f(help="stage name: output subfolder and override address (stages.NAME.key=value)")
     kind: Literal["align", "instruct", "vqa"] = _f(help="align (stage 1), instruct (stage 2) or vqa fine-tune")
-    data: DataConfig = _f(help="training data")
+    data: DataConfig | list[DataConfig] = _f(
+        help="training data: one source, or a list of sources mixed by their `weight` (a list once loaded)"
+    )
     template: str | None = _f(None, f"prompt template: one of {sorted(TEMPLATES)}")
     train: TrainSpec | None = _f(None, "what the stage trains: projector full|frozen, llm lora|frozen")
     init_from: str | None = _f(
@@ -151,8 +186,25 @@ class StageConfig:
     save_total_limit: int = _f(2, "complete checkpoints kept per stage")
     logging_steps: int = _f(10, "log loss every N steps")
     dataloader_workers: int = _f(0, "DataLoader worker processes (image decoding)")
+    padding_free: bool = _f(
+        False,
+        "pack each micro-batch into one row (position_ids restart per sample, attention kept within each "
+        "sample): no compute on padding. Same loss as padded batches (qlora_med.data.packing)",
+    )
 
     def __post_init__(self) -> None:
+        self.data = [self.data] if isinstance(self.data, DataConfig) else list(self.data)
+        if not self.data:
+            raise ConfigError(f"stages.{self.name}.data: no data sources; give a mapping or a list of them")
+        for where, source in zip(data_addresses(self), self.data, strict=True):
+            if not (math.isfinite(source.weight) and source.weight > 0):
+                raise ConfigError(f"{where}.weight must be a positive number, got {source.weight}")
+            if source.max_records is not None and source.max_records <= 0:
+                raise ConfigError(f"{where}.max_records must be positive or null, got {source.max_records}")
+        names = [s.name for s in self.data if s.name is not None]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ConfigError(f"stages.{self.name}.data: duplicate source names {dupes}; names must be unique")
         preset = STAGE_PRESETS[self.kind]
         self.template = self.template or preset.template
         self.train = self.train or dataclasses.replace(preset.train)
@@ -174,6 +226,14 @@ class StageConfig:
             raise ConfigError(f"stages.{self.name}.max_steps must be -1 (use num_epochs) or positive")
 
 
+def data_addresses(stage: StageConfig) -> list[str]:
+    """Where each data source of a stage is written in a recipe (for error messages)."""
+    if len(stage.data) == 1:
+        return [f"stages.{stage.name}.data"]
+    return [f"stages.{stage.name}.data.{s.name}" if s.name else f"stages.{stage.name}.data[{i}]"
+            for i, s in enumerate(stage.data)]
+
+
 @dataclass
 class RecipeConfig:
     """A whole run: the model, the adapters and the curriculum stages, in order."""
@@ -184,6 +244,7 @@ class RecipeConfig:
     lora: LoraConfig = _f(LoraConfig(), "LoRA adapter settings")
     seed: int = _f(42, "seed for adapter init, data order and dropout")
     report_to: str = _f("none", "transformers report_to (none, tensorboard, wandb)")
+    kernels: KernelsConfig = _f(KernelsConfig(), "fused kernels and loss path (qlora_med.kernel_select)")
 
     def __post_init__(self) -> None:
         names = [s.name for s in self.stages]
@@ -192,6 +253,11 @@ class RecipeConfig:
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ConfigError(f"stages: duplicate stage names {dupes}; names must be unique")
+        if self.kernels.nf4_lora == "on" and self.model.quantization != "nf4":
+            raise ConfigError(
+                f"kernels.nf4_lora: 'on' needs model.quantization: nf4 (it is '{self.model.quantization}'); "
+                "use 'auto' or 'off'"
+            )
 
     def stage(self, name: str) -> StageConfig:
         """The stage called ``name``, or a ConfigError naming the valid ones."""
@@ -224,6 +290,8 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
         raise ConfigError(errors[0])
     if origin is Literal:
         choices = typing.get_args(tp)
+        if isinstance(value, bool) and "on" in choices and "off" in choices:
+            value = "on" if value else "off"  # YAML 1.1 reads on/off (and yes/no) as booleans
         if value not in choices:
             near = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
             hint = f" (did you mean '{near[0]}'?)" if near else ""
@@ -348,10 +416,11 @@ def validate_paths(recipe: RecipeConfig) -> None:
             )
     for stage in recipe.stages:
         where = f"stages.{stage.name}"
-        if not Path(stage.data.path).is_file():
-            raise ConfigError(f"{where}.data.path: file '{stage.data.path}' not found")
-        if not Path(stage.data.image_folder).is_dir():
-            raise ConfigError(f"{where}.data.image_folder: folder '{stage.data.image_folder}' not found")
+        for data_where, source in zip(data_addresses(stage), stage.data, strict=True):
+            if not Path(source.path).is_file():
+                raise ConfigError(f"{data_where}.path: file '{source.path}' not found")
+            if not Path(source.image_folder).is_dir():
+                raise ConfigError(f"{data_where}.image_folder: folder '{source.image_folder}' not found")
         if stage.init_from is not None and not (Path(stage.init_from) / "projector.safetensors").is_file():
             raise ConfigError(
                 f"{where}.init_from: '{stage.init_from}' has no projector.safetensors; "

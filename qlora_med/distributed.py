@@ -24,9 +24,10 @@ def quiet_non_main_ranks() -> None:
 
 def state():
     """accelerate's process state (initialises the process group under a launcher)."""
+    import torch
     from accelerate import PartialState
 
-    return PartialState()
+    return PartialState(cpu=not torch.cuda.is_available())
 
 
 def is_main_process() -> bool:

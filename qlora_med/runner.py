@@ -15,12 +15,14 @@ from pathlib import Path
 
 import torch
 
-from qlora_med.checkpoint import atomic_dir, atomic_write_text, last_complete_checkpoint, save_trainable
+from qlora_med.checkpoint import atomic_dir, atomic_write_text, save_trainable
 from qlora_med.config import RecipeConfig, StageConfig, save_resolved, validate_paths
-from qlora_med.data.dataset import VisionCollator, encode_records
-from qlora_med.data.records import load_records
+from qlora_med.data.build import build_stage_dataset
+from qlora_med.data.dataset import VisionCollator
+from qlora_med.distributed import is_main_process, main_process_first
 from qlora_med.model import base_model_dir, load_model, resolve_compute_dtype, setup_trainable
 from qlora_med.plotting import plot_loss
+from qlora_med.resilience import BatchPlan, train_with_oom_fallback
 
 logger = logging.getLogger(__name__)
 
@@ -76,37 +78,40 @@ def train_stage(recipe: RecipeConfig, stage: StageConfig) -> dict:
     out = stage_dir(recipe, stage)
     final = out / "final"
     previous = previous_final(recipe, stage)
-    out.mkdir(parents=True, exist_ok=True)
-    save_resolved(recipe, out / "resolved_config.yaml")
+    if is_main_process():
+        out.mkdir(parents=True, exist_ok=True)
+        save_resolved(recipe, out / "resolved_config.yaml")
     start = time.time()
 
     set_seed(recipe.seed)  # adapter init and dropout are reproducible across runs
     compute_dtype = resolve_compute_dtype(recipe.model.compute_dtype)
-    base_dir = base_model_dir(recipe.model)
+    with main_process_first():  # rank 0 builds tiny/composed models once; the others reuse them
+        base_dir = base_model_dir(recipe.model)
     model, processor = load_model(recipe.model, base_dir, compute_dtype)
     model = setup_trainable(model, stage.train, recipe.lora, previous, stage.gradient_checkpointing)
 
-    records = load_records(stage.data.path, stage.data.image_folder, stage.data.on_bad_record, stage.data.max_records)
-    dataset, stats = encode_records(
-        records, processor, stage.template, num_image_tokens(model.config), stage.max_length,
-        recipe.model.image_token, source=stage.data.path,
+    dataset, stats = build_stage_dataset(
+        stage, processor, num_image_tokens(model.config), recipe.model.image_token, recipe.seed,
+        Path(recipe.model.cache_dir) / "data",
     )
-    logger.info("stage %s: %d samples from %s (template %s, %d truncated)",
-                stage.name, len(dataset), stage.data.path, stage.template, stats.truncated)
+    logger.info("stage %s: %d samples (template %s): %s", stage.name, len(dataset), stage.template, stats.summary())
 
-    trainer = StageTrainer(
-        model=model,
-        args=sft_config(stage, out, recipe.seed, compute_dtype, recipe.report_to),
-        train_dataset=dataset,
-        data_collator=VisionCollator(processor, recipe.model.image_aspect, stage.data.on_bad_record),
-        processing_class=processor,
-        projector_lr=stage.projector_lr,
-        save_total_limit=stage.save_total_limit,
-    )
-    resume = last_complete_checkpoint(out)
-    if resume is not None:
-        logger.info("stage %s: resuming from %s", stage.name, resume)
-    trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    def make_trainer(plan: BatchPlan) -> StageTrainer:
+        args = sft_config(stage, out, recipe.seed, compute_dtype, recipe.report_to)
+        args.per_device_train_batch_size = plan.micro_batch
+        args.gradient_accumulation_steps = plan.accumulation
+        return StageTrainer(
+            model=model,
+            args=args,
+            train_dataset=dataset,
+            data_collator=VisionCollator(processor, recipe.model.image_aspect, stats.on_bad_image),
+            processing_class=processor,
+            projector_lr=stage.projector_lr,
+            save_total_limit=stage.save_total_limit,
+        )
+
+    plan = BatchPlan(stage.per_device_batch_size, stage.gradient_accumulation_steps)
+    trainer, plan = train_with_oom_fallback(make_trainer, plan, out)
 
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     info = {
@@ -117,16 +122,20 @@ def train_stage(recipe: RecipeConfig, stage: StageConfig) -> dict:
         "lora": asdict(recipe.lora) if hasattr(model, "peft_config") else None,
         "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
         "steps": trainer.state.global_step, "samples": len(dataset), "truncated": stats.truncated,
-        "skipped_images": trainer.data_collator.skipped, "wall_time_s": round(time.time() - start, 1),
+        "skipped_images": trainer.data_collator.skipped, "micro_batch": plan.micro_batch,
+        "gradient_accumulation_steps": plan.accumulation, "oom_halvings": plan.halvings,
+        "world_size": trainer.accelerator.num_processes, "wall_time_s": round(time.time() - start, 1),
         "hardware": _hardware(), "versions": _versions(),
     }
-    with atomic_dir(final) as tmp:
-        save_trainable(trainer.accelerator.unwrap_model(trainer.model), tmp)
-        processor.save_pretrained(tmp)
-        save_resolved(recipe, tmp / "resolved_config.yaml")
-        atomic_write_text(tmp / "log_history.json", json.dumps(trainer.state.log_history, indent=1))
-        atomic_write_text(tmp / "stage.json", json.dumps(info, indent=1))
-        plot_loss(trainer.state.log_history, tmp / "loss.png", f"{stage.name} ({stage.kind})")
+    if trainer.accelerator.is_main_process:
+        with atomic_dir(final) as tmp:
+            save_trainable(trainer.accelerator.unwrap_model(trainer.model), tmp)
+            processor.save_pretrained(tmp)
+            save_resolved(recipe, tmp / "resolved_config.yaml")
+            atomic_write_text(tmp / "log_history.json", json.dumps(trainer.state.log_history, indent=1))
+            atomic_write_text(tmp / "stage.json", json.dumps(info, indent=1))
+            plot_loss(trainer.state.log_history, tmp / "loss.png", f"{stage.name} ({stage.kind})")
+    trainer.accelerator.wait_for_everyone()  # the next stage starts from final/ on every rank
     logger.info("stage %s done: loss %.4f -> %.4f over %d steps; artefacts in %s",
                 stage.name, info["loss_first"] or float("nan"), info["loss_last"] or float("nan"),
                 info["steps"], final)
@@ -136,8 +145,9 @@ def train_stage(recipe: RecipeConfig, stage: StageConfig) -> dict:
 def run_recipe(recipe: RecipeConfig, only: str | None = None) -> list[dict]:
     """Run every stage in order (or only ``only``), skipping finished ones."""
     validate_paths(recipe)
-    Path(recipe.output_dir).mkdir(parents=True, exist_ok=True)
-    save_resolved(recipe, Path(recipe.output_dir) / "resolved_config.yaml")
+    if is_main_process():
+        Path(recipe.output_dir).mkdir(parents=True, exist_ok=True)
+        save_resolved(recipe, Path(recipe.output_dir) / "resolved_config.yaml")
     results = []
     for stage in [recipe.stage(only)] if only else recipe.stages:
         final = stage_dir(recipe, stage) / "final"

@@ -6,7 +6,9 @@ What it changes, and why:
   model to bf16, which would also make the projector bf16 and is ~10x slower on CPUs);
 - checkpoints hold only the adapter + projector (+ optimizer, scheduler, RNG, trainer state), are
   marked complete only after everything is written, and rotation never deletes the last complete one;
-- a stage whose LLM is frozen (projector only) is allowed on a quantized base: nothing quantized trains.
+- a stage whose LLM is frozen (projector only) is allowed on a quantized base: nothing quantized trains;
+- the loss path is chosen by ``kernels.loss`` (``qlora_med.kernel_select``): TRL's fused LM head, our chunked
+  linear cross-entropy (patched into the model's forward), or plain logits.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import logging
 from pathlib import Path
 
 import torch
+from transformers import Trainer
 from trl import SFTConfig, SFTTrainer
 
 from qlora_med.checkpoint import (
@@ -51,6 +54,7 @@ def sft_config(stage: StageConfig, output_dir: Path, seed: int, compute_dtype: t
         save_total_limit=None,  # rotation is ours, after a checkpoint is marked complete
         seed=seed,
         data_seed=seed,
+        use_cpu=not on_gpu,  # also makes `torchrun` on CPU a real gloo process group
         bf16=on_gpu and compute_dtype == torch.bfloat16,
         fp16=on_gpu and compute_dtype == torch.float16,
         gradient_checkpointing=stage.gradient_checkpointing,
@@ -67,7 +71,9 @@ def sft_config(stage: StageConfig, output_dir: Path, seed: int, compute_dtype: t
 class StageTrainer(SFTTrainer):
     """SFTTrainer with projector param group, fp32 trainables and adapter+projector checkpoints."""
 
-    def __init__(self, *args, projector_lr: float, save_total_limit: int, **kwargs) -> None:
+    def __init__(self, *args, projector_lr: float, save_total_limit: int, loss_mode: str = "trl", **kwargs) -> None:
+        if loss_mode not in ("trl", "chunked", "full"):
+            raise ValueError(f"loss_mode must be trl, chunked or full, got {loss_mode!r}")
         model = kwargs["model"]
         dtypes = {n: p.dtype for n, p in model.named_parameters() if p.requires_grad}
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -81,6 +87,45 @@ class StageTrainer(SFTTrainer):
                 param.data = param.data.to(dtypes[name])
         self.projector_lr = projector_lr
         self.keep_checkpoints = save_total_limit
+        self.loss_mode = loss_mode
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """``trl``: SFTTrainer's fused LM head. ``chunked`` (forward patched by ``kernel_select``) and ``full``:
+        the model's own loss through ``Trainer.compute_loss``, plus TRL's token count; ``full`` also logs entropy
+        and token accuracy from its logits, ``chunked`` has none to log."""
+        if self.loss_mode == "trl":
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        inputs["use_cache"] = False  # also keeps transformers' packed-sequence mask detection working
+        loss, outputs = Trainer.compute_loss(self, model, inputs, True, num_items_in_batch)
+        mode = "train" if self.model.training else "eval"
+        logits = getattr(outputs, "logits", None)
+        if logits is not None:
+            self._log_logit_metrics(logits.detach(), inputs["labels"], mode)
+        if mode == "train":
+            if "attention_mask" in inputs:
+                tokens = inputs["attention_mask"].sum()
+            else:  # padding-free: one packed row
+                tokens = torch.tensor(inputs["input_ids"].numel(), device=inputs["input_ids"].device)
+            self._total_train_tokens += self.accelerator.gather_for_metrics(tokens).sum().item()
+        self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+        return (loss, outputs) if return_outputs else loss
+
+    def _log_logit_metrics(self, logits: torch.Tensor, labels: torch.Tensor, mode: str) -> None:
+        """TRL's entropy and mean_token_accuracy, from full logits at the labelled (shifted) positions."""
+        shifted = labels[..., 1:].to(logits.device)
+        mask = shifted != -100
+        picked = logits[..., :-1, :][mask].float()
+        n = self.accelerator.gather_for_metrics(mask.sum()).sum()
+        if picked.numel():
+            logp = torch.log_softmax(picked, dim=-1)
+            entropy = -(logp.exp() * logp).sum(-1).sum()
+            correct = (picked.argmax(-1) == shifted[mask]).sum()
+        else:
+            entropy = correct = torch.zeros((), device=logits.device)
+        entropy = self.accelerator.gather_for_metrics(entropy).sum()
+        correct = self.accelerator.gather_for_metrics(correct).sum()
+        self._metrics[mode]["entropy"].append((entropy / n).item() if n > 0 else 0.0)
+        self._metrics[mode]["mean_token_accuracy"].append((correct / n).item() if n > 0 else 0.0)
 
     def create_optimizer(self, model=None):
         if self.optimizer is not None:

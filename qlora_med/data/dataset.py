@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import multiprocessing
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,7 +73,8 @@ class VisionCollator:
     """Loads and preprocesses the batch's images and pads token ids / labels.
 
     With ``on_bad_record="skip"`` an unreadable image drops that sample from the batch (counted
-    in ``self.skipped``); otherwise it raises a DataError naming the file and record.
+    in ``self.skipped``, shared with DataLoader worker processes); otherwise it raises a DataError
+    naming the file and record.
     """
 
     def __init__(self, processor, image_aspect: str, on_bad_record: str = "error") -> None:
@@ -81,7 +83,12 @@ class VisionCollator:
         self.on_bad_record = on_bad_record
         self.background = mean_colour(processor.image_processor)
         self.pad_id = processor.tokenizer.pad_token_id
-        self.skipped = 0
+        self._skipped = multiprocessing.Value("q", 0)  # workers count into shared memory
+
+    @property
+    def skipped(self) -> int:
+        """Samples dropped for unreadable images, in this process and its DataLoader workers."""
+        return self._skipped.value
 
     def pixel_values(self, paths: list[str], ids: list[str]) -> tuple[torch.Tensor, list[int]]:
         images, kept = [], []
@@ -91,7 +98,8 @@ class VisionCollator:
             except DataError:
                 if self.on_bad_record == "error":
                     raise
-                self.skipped += 1
+                with self._skipped.get_lock():
+                    self._skipped.value += 1
                 logger.warning("skipping record %s: unreadable image %s", rid, Path(path).name)
                 continue
             images.append(to_square(img, self.image_aspect, self.background))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -42,22 +43,109 @@ class BadRecord(Exception):
         self.reason = reason
 
 
-def iter_json_objects(path: Path) -> Iterator[tuple[int, Any]]:
-    """Yield (1-based record number or line, object) from a JSON list or a JSONL file."""
+_CHUNK = 1 << 22  # characters read at a time from a JSON list (records are streamed, not loaded at once)
+_NON_SPACE = re.compile(r"\S")
+_DECODER = json.JSONDecoder()
+
+
+@dataclass(frozen=True)
+class InvalidJSON:
+    """A JSONL line that is not valid JSON (yielded instead of raising when ``tolerant``)."""
+
+    message: str
+
+
+class _ListStream:
+    """Reads the items of a JSON list one at a time, keeping only a few MiB of the file in memory."""
+
+    def __init__(self, fh, path: Path) -> None:
+        self.fh, self.path = fh, path
+        self.buf, self.pos, self.eof = "", 0, False
+        self.lines_before, self.col_before = 0, 0  # position of buf[0] in the file
+
+    def _more(self) -> bool:
+        if self.eof:
+            return False
+        chunk = self.fh.read(max(_CHUNK, len(self.buf) - self.pos))
+        if not chunk:
+            self.eof = True
+            return False
+        newline = self.buf.rfind("\n", 0, self.pos)
+        self.lines_before += self.buf.count("\n", 0, self.pos)
+        self.col_before = self.pos - newline - 1 if newline >= 0 else self.col_before + self.pos
+        self.buf, self.pos = self.buf[self.pos :] + chunk, 0
+        return True
+
+    def peek(self) -> str:
+        """The next non-whitespace character ('' at the end of the file); ``pos`` points at it."""
+        while True:
+            match = _NON_SPACE.search(self.buf, self.pos)
+            if match:
+                self.pos = match.start()
+                return self.buf[self.pos]
+            self.pos = len(self.buf)
+            if not self._more():
+                return ""
+
+    def value(self) -> Any:
+        while True:
+            try:
+                obj, end = _DECODER.raw_decode(self.buf, self.pos)
+            except json.JSONDecodeError as err:
+                if self._more():
+                    continue
+                raise self.error(err.msg, err.pos) from None
+            if not isinstance(obj, (dict, list, str)) and len(self.buf) - end < 64 and self._more():
+                continue  # a number split by the chunk boundary ("12" of "12.5e3") parses too early
+            self.pos = end
+            return obj
+
+    def error(self, msg: str, pos: int) -> DataError:
+        newline = self.buf.rfind("\n", 0, pos)
+        line = self.lines_before + self.buf.count("\n", 0, pos) + 1
+        column = pos - newline if newline >= 0 else self.col_before + pos + 1
+        return DataError(
+            f"{self.path}: invalid JSON at line {line}, column {column}: {msg}. "
+            "Fix the file (e.g. `python -m json.tool FILE`) or convert it to JSONL, one record per line."
+        )
+
+
+def _iter_json_list(path: Path) -> Iterator[tuple[int, Any]]:
+    with path.open(encoding="utf-8") as fh:
+        stream = _ListStream(fh, path)
+        stream.peek()
+        stream.pos += 1  # the opening '['
+        if stream.peek() == "]":
+            stream.pos += 1
+        else:
+            number = 0
+            while True:
+                number += 1
+                stream.peek()
+                yield number, stream.value()
+                char = stream.peek()
+                if char not in (",", "]"):
+                    raise stream.error("Expecting ',' delimiter" if char else "Unexpected end of file", stream.pos)
+                stream.pos += 1
+                if char == "]":
+                    break
+        if stream.peek():
+            raise stream.error("Extra data", stream.pos)
+
+
+def iter_json_objects(path: Path, tolerant: bool = False) -> Iterator[tuple[int, Any]]:
+    """Yield (1-based record number or line, object) from a JSON list or a JSONL file.
+
+    A JSON list is streamed (never held whole in memory). ``tolerant``: an invalid JSONL line
+    yields an :class:`InvalidJSON` instead of raising (a broken JSON list always raises).
+    """
     try:
         with path.open("rb") as fh:
             head = fh.read(4096).lstrip()
     except OSError as err:
         raise DataError(f"{path}: cannot read: {err}") from err
     if head.startswith(b"["):
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as err:
-            raise DataError(
-                f"{path}: invalid JSON at line {err.lineno}, column {err.colno}: {err.msg}. "
-                "Fix the file (e.g. `python -m json.tool FILE`) or convert it to JSONL, one record per line."
-            ) from err
-        yield from enumerate(data, start=1)
+        yield from _iter_json_list(path)
         return
     with path.open(encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, start=1):
@@ -66,10 +154,13 @@ def iter_json_objects(path: Path) -> Iterator[tuple[int, Any]]:
             try:
                 yield lineno, json.loads(line)
             except json.JSONDecodeError as err:
-                raise DataError(
+                message = (
                     f"{path}: line {lineno}: invalid JSON at column {err.colno}: {err.msg}. "
                     "Each JSONL line must be one complete JSON object."
-                ) from err
+                )
+                if not tolerant:
+                    raise DataError(message) from err
+                yield lineno, InvalidJSON(message)
 
 
 def parse_record(obj: Any, image_folder: Path, needs_image: bool = True) -> Record:
@@ -142,24 +233,34 @@ class SkipLog:
             )
 
 
-def load_records(
+def iter_records(
     path: str | Path,
     image_folder: str | Path,
     on_bad_record: str = "error",
     max_records: int | None = None,
     skips: SkipLog | None = None,
-) -> list[Record]:
-    """Load and check every record of a LLaVA-Med file."""
+    verify_images: bool = False,
+) -> Iterator[Record]:
+    """Yield the checked records of a LLaVA-Med file one at a time (bad ones raise or go to ``skips``).
+
+    ``verify_images`` also opens every image once (unreadable: reason ``unreadable_image``).
+    """
     path, image_folder = Path(path), Path(image_folder)
     skips = skips if skips is not None else SkipLog(path)
-    records: list[Record] = []
     seen: set[str] = set()
+    image_ok: dict[Path, str | None] = {}  # image -> None when readable, else why not
+    kept = 0
     for number, obj in iter_json_objects(path):
         rid = str(obj.get("id", f"#{number}")) if isinstance(obj, dict) else f"#{number}"
         try:
             record = parse_record(obj, image_folder)
             if record.id in seen:
                 raise BadRecord("duplicate_id", "duplicate id (ids must be unique within a file)")
+            if verify_images:
+                if record.image not in image_ok:
+                    image_ok[record.image] = _unreadable(record.image)
+                if image_ok[record.image] is not None:
+                    raise BadRecord("unreadable_image", image_ok[record.image])
         except BadRecord as bad:
             if on_bad_record == "error":
                 raise DataError(
@@ -169,9 +270,34 @@ def load_records(
             skips.add(rid, bad.reason, str(bad))
             continue
         seen.add(record.id)
-        records.append(record)
-        if max_records is not None and len(records) >= max_records:
+        yield record
+        kept += 1
+        if max_records is not None and kept >= max_records:
             break
+
+
+def _unreadable(image: Path) -> str | None:
+    """None when the image decodes like training will decode it, else the reason."""
+    from qlora_med.data.images import load_image
+
+    try:
+        load_image(image)
+    except DataError as err:
+        return f"image '{image}' is unreadable ({err.__cause__})"
+    return None
+
+
+def load_records(
+    path: str | Path,
+    image_folder: str | Path,
+    on_bad_record: str = "error",
+    max_records: int | None = None,
+    skips: SkipLog | None = None,
+) -> list[Record]:
+    """Load and check every record of a LLaVA-Med file."""
+    path = Path(path)
+    skips = skips if skips is not None else SkipLog(path)
+    records = list(iter_records(path, image_folder, on_bad_record, max_records, skips))
     skips.report()
     if not records:
         raise DataError(f"{path}: no usable records")

@@ -1,0 +1,329 @@
+"""Check a LLaVA-Med data file without training: every problem counted, not just the first.
+
+Reads any supported file (alignment, instruct or VQA; JSON list or JSONL), opens every image once
+(as training would decode it), and tokenizes every conversation with the stage template to report
+the token-length distribution, image tokens included. A record is *unusable* when training would
+reject it (the checks of :func:`~qlora_med.data.records.parse_record`, duplicate ids, unreadable
+images, invalid JSON lines) or when ``max_length`` leaves no room for its image or answer tokens;
+samples that are merely longer than ``max_length`` are truncated, and only counted.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from qlora_med.data.encoder import IMAGE_CUT, NO_ANSWER, BatchEncoder, EncodeSpec
+from qlora_med.data.records import IMAGE_TOKEN, BadRecord, InvalidJSON, iter_json_objects, parse_record
+from qlora_med.errors import DataError
+from qlora_med.stages import STAGE_PRESETS
+
+logger = logging.getLogger(__name__)
+
+LABELS = {  # reason -> how the report names it, in report order
+    "invalid_json": "invalid JSON lines",
+    "not_an_object": "not a JSON object",
+    "empty_conversations": "no conversations",
+    "role_order": "role-order problems",
+    "empty_turn": "empty turns",
+    "no_image_token": "records without <image>",
+    "image_token": "<image> misplaced/repeated",
+    "no_image_field": "no `image` field",
+    "missing_image": "image missing",
+    "unreadable_image": "image unreadable",
+    "duplicate_id": "duplicate ids",
+    IMAGE_CUT: "image tokens beyond max_length",
+    NO_ANSWER: "no answer token within max_length",
+}
+STRUCTURE = {"not_an_object", "empty_conversations", "role_order", "empty_turn"}  # cannot be tokenized
+KIND_OF_FORMAT = {"alignment": "align", "instruct": "instruct", "vqa": "vqa"}
+DEFAULT_IMAGE_TOKENS = 576  # CLIP ViT-L/14 at 336 px (LLaVA-Med v1.5)
+
+
+@dataclass
+class CheckReport:
+    """What ``data check`` found in one file."""
+
+    path: str
+    format: str = ""
+    layout: str = ""
+    template: str = ""
+    max_length: int = 2048
+    num_image_tokens: int = DEFAULT_IMAGE_TOKENS
+    records: int = 0
+    turns: int = 0
+    images_found: int = 0  # distinct image files
+    images_missing: int = 0
+    images_unreadable: int = 0
+    problems: Counter = field(default_factory=Counter)  # reason -> records
+    unusable: int = 0
+    first_unusable: list[str] = field(default_factory=list)
+    lengths: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+
+    @property
+    def ok(self) -> bool:
+        return self.unusable == 0
+
+    @property
+    def over_max_length(self) -> int:
+        return int((self.lengths > self.max_length).sum())
+
+    def text(self) -> str:
+        """The human-readable report."""
+        rows = [
+            ("file", f"{self.path} ({self.layout}, {self.format} format)"),
+            ("records", f"{self.records} ({self.turns} turns)"),
+            ("images", f"{self.images_found} found, {self.images_missing} missing, "
+                       f"{self.images_unreadable} unreadable (distinct files, each opened)"),
+        ]
+        for reason, label in LABELS.items():
+            if reason in ("no_image_token", "role_order", "duplicate_id") or self.problems[reason]:
+                rows.append((label, str(self.problems[reason])))
+        if len(self.lengths):
+            q = np.quantile(self.lengths, [0, 0.5, 0.9, 0.99, 1]).astype(int)
+            rows.append(("tokens", f"min {q[0]}  p50 {q[1]}  p90 {q[2]}  p99 {q[3]}  max {q[4]}  "
+                                   f"(template {self.template}, {self.num_image_tokens} image tokens)"))
+            rows.append(("> max_length", f"{self.over_max_length} of {len(self.lengths)} "
+                                         f"(truncated to {self.max_length})"))
+        rows.append(("unusable records", str(self.unusable)))
+        width = max(len(k) for k, _ in rows)
+        lines = [f"{k:<{width}}  {v}" for k, v in rows]
+        if self.first_unusable:
+            lines.append(f"first unusable records (of {self.unusable}):")
+            lines += [f"  {line}" for line in self.first_unusable]
+        lines.append("OK: every record is usable" if self.ok else "NOT OK: fix or drop the records above "
+                     "(or train with data.on_bad_record: skip)")
+        return "\n".join(lines)
+
+
+def detect_format(objects: list[Any]) -> str:
+    """alignment, instruct or vqa, from a sample of records."""
+    dicts = [o for o in objects if isinstance(o, dict)]
+    if any("answer_type" in o for o in dicts):
+        return "vqa"
+    turns = [o.get("conversations", o.get("conversatons")) for o in dicts]
+    if any("domain" in o for o in dicts) or any(isinstance(t, list) and len(t) > 2 for t in turns):
+        return "instruct"
+    return "alignment"
+
+
+def _issues(obj: Any, folder: Path) -> tuple[list[tuple[str, str]], list[tuple[str, str]] | None, str | None]:
+    """(problems, rounds if the conversation can be rendered, image path if the record names one)."""
+    if not isinstance(obj, dict):
+        return [("not_an_object", f"expected a JSON object, got {type(obj).__name__}")], None, None
+    issues: list[tuple[str, str]] = []
+    turns = obj.get("conversations", obj.get("conversatons"))
+    turns = turns if isinstance(turns, list) else []
+    roles = [t.get("from") if isinstance(t, dict) else None for t in turns]
+    values = [t.get("value") if isinstance(t, dict) else None for t in turns]
+    if turns and (len(turns) % 2 or roles != ["human", "gpt"] * (len(turns) // 2)):
+        issues.append(("role_order", f"roles {roles[:6]}{'...' if len(roles) > 6 else ''}: expected "
+                                     "alternating human/gpt turns starting with human"))
+    if turns and not all(isinstance(v, str) and v.strip() for v in values):
+        issues.append(("empty_turn", "empty or non-string turn 'value'"))
+    roles_ok = not any(reason == "role_order" for reason, _ in issues)
+    # with roles out of order, which turn is a question is unclear: look for <image> anywhere
+    questions = [v for r, v in zip(roles, values, strict=True) if isinstance(v, str) and (r == "human" or not roles_ok)]
+    count = sum(q.count(IMAGE_TOKEN) for q in questions)
+    if turns and count == 0:
+        issues.append(("no_image_token", f"no '{IMAGE_TOKEN}' in any question"))
+    elif turns and roles_ok and (count > 1 or IMAGE_TOKEN not in questions[0]):
+        issues.append(("image_token", f"{count} '{IMAGE_TOKEN}', expected one in the first question"))
+    image = obj.get("image")
+    found = str(folder / image) if isinstance(image, str) and image else None
+    if found is None:
+        issues.append(("no_image_field", "has no 'image' path"))
+    elif not Path(found).is_file():
+        issues.append(("missing_image", f"image '{found}' not found"))
+    try:  # whatever training would reject, even if not listed above
+        parse_record(obj, folder)
+    except BadRecord as bad:
+        known = {reason for reason, _ in issues}
+        if bad.reason not in known and not (bad.reason == "image_token" and "no_image_token" in known):
+            issues.append((bad.reason, str(bad)))
+    if {reason for reason, _ in issues} & STRUCTURE or not turns:
+        return issues, None, found
+    return issues, [(values[i], values[i + 1]) for i in range(0, len(turns), 2)], found
+
+
+def _probe(path: str) -> str | None:
+    """None when the image decodes as training decodes it, else why not."""
+    from qlora_med.data.images import load_image
+
+    try:
+        load_image(path)
+    except DataError as err:
+        return str(err.__cause__ or err)
+    return None
+
+
+def _probe_all(paths: list[str], workers: int) -> dict[str, str | None]:
+    if workers <= 1 or len(paths) < 64:
+        return {p: _probe(p) for p in paths}
+    with ProcessPoolExecutor(workers) as pool:
+        return dict(zip(paths, pool.map(_probe, paths, chunksize=64), strict=True))
+
+
+def check_file(path: str | Path, image_folder: str | Path, tokenizer, template: str | None = None,
+               max_length: int = 2048, num_image_tokens: int = DEFAULT_IMAGE_TOKENS, image_token: str = IMAGE_TOKEN,
+               workers: int | None = None, listed: int = 10) -> CheckReport:
+    """Check every record of ``path``; see the module docstring for what counts as unusable."""
+    path, folder = Path(path), Path(image_folder)
+    if not path.is_file():
+        raise DataError(f"{path}: file not found")
+    if not folder.is_dir():
+        raise DataError(f"{folder}: image folder not found")
+    head = []
+    for _, obj in iter_json_objects(path, tolerant=True):
+        head.append(obj)
+        if len(head) == 1000:
+            break
+    report = CheckReport(str(path), format=detect_format(head), max_length=max_length,
+                         num_image_tokens=num_image_tokens)
+    with path.open("rb") as fh:
+        report.layout = "JSON list" if fh.read(4096).lstrip().startswith(b"[") else "JSONL"
+    report.template = template or STAGE_PRESETS[KIND_OF_FORMAT[report.format]].template
+    encoder = BatchEncoder(tokenizer, EncodeSpec(report.template, num_image_tokens, max_length, image_token))
+    bad: dict[int, tuple[str, list[tuple[str, str]]]] = {}  # record number -> (id, problems)
+    image_users: dict[str, list[tuple[int, str]]] = {}
+    seen: set[str] = set()
+    lengths: list[np.ndarray] = []
+    pending: list[tuple[int, str, list[tuple[str, str]]]] = []
+
+    def flush() -> None:
+        out = encoder.encode([rounds for _, _, rounds in pending])
+        lengths.append(out.num_tokens)
+        for row, (reason, message) in out.problems.items():
+            number, rid, _ = pending[row]
+            bad.setdefault(number, (rid, []))[1].append((reason, message))
+        pending.clear()
+
+    for number, obj in iter_json_objects(path, tolerant=True):
+        report.records += 1
+        if isinstance(obj, InvalidJSON):
+            bad[number] = (f"line {number}", [("invalid_json", obj.message.split(": ", 2)[-1])])
+            continue
+        rid = str(obj.get("id", obj.get("question_id", f"#{number}"))) if isinstance(obj, dict) else f"#{number}"
+        issues, rounds, image = _issues(obj, folder)
+        turns = obj.get("conversations", obj.get("conversatons")) if isinstance(obj, dict) else None
+        report.turns += len(turns) if isinstance(turns, list) else 0
+        if rid in seen:
+            issues.append(("duplicate_id", "duplicate id (ids must be unique within a file)"))
+        seen.add(rid)
+        if issues:
+            bad[number] = (rid, issues)
+        if image is not None:
+            image_users.setdefault(image, []).append((number, rid))
+        if rounds is not None:
+            pending.append((number, rid, rounds))
+            if len(pending) == 1000:
+                flush()
+    if pending:
+        flush()
+    report.lengths = np.concatenate(lengths) if lengths else report.lengths
+    found = sorted(p for p in image_users if Path(p).is_file())
+    report.images_found, report.images_missing = len(found), len(image_users) - len(found)
+    probed = _probe_all(found, workers or len(os.sched_getaffinity(0)))
+    for image, error in probed.items():
+        if error is not None:
+            report.images_unreadable += 1
+            for number, rid in image_users[image]:
+                bad.setdefault(number, (rid, []))[1].append(("unreadable_image", f"image '{image}': {error}"))
+    for number in sorted(bad):
+        rid, issues = bad[number]
+        for reason in {reason for reason, _ in issues}:
+            report.problems[reason] += 1
+        if len(report.first_unusable) < listed:
+            report.first_unusable.append(f"{rid} (#{number}): " + "; ".join(f"{r}: {m}" for r, m in issues))
+    report.unusable = len(bad)
+    return report
+
+
+def default_cache_dir() -> Path:
+    """``$XDG_CACHE_HOME/qlora-med`` (default ``~/.cache/qlora-med``)."""
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "qlora-med"
+
+
+def mistral_with_image_token(image_token: str, cache_dir: Path | None = None):
+    """The real Mistral-7B-Instruct-v0.2 tokenizer (no network) plus the LLaVA tokens.
+
+    Converting it from SentencePiece takes seconds, so the result is saved once under
+    ``<cache_dir>/tokenizers`` and loaded from there afterwards.
+    """
+    import hashlib
+
+    import mistral_common
+    from transformers import AutoTokenizer
+
+    from qlora_med.checkpoint import atomic_dir
+    from qlora_med.model import add_llava_tokens, mistral_tokenizer
+
+    tag = hashlib.sha256(image_token.encode()).hexdigest()[:8]
+    saved = (cache_dir or default_cache_dir()) / "tokenizers" / f"mistral-v0.2-{mistral_common.__version__}-{tag}"
+    if (saved / "tokenizer.json").is_file():
+        return AutoTokenizer.from_pretrained(saved)
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer = mistral_tokenizer(Path(tmp))
+    add_llava_tokens(tokenizer, image_token)
+    try:
+        with atomic_dir(saved) as tmp_dir:
+            tokenizer.save_pretrained(tmp_dir)
+    except OSError as err:  # a read-only home is fine: convert again next time
+        logger.debug("could not cache the tokenizer in %s: %s", saved, err)
+    return tokenizer
+
+
+def load_tokenizer(name_or_path: str | None, image_token: str = IMAGE_TOKEN,
+                   cache_dir: Path | None = None) -> tuple[Any, int]:
+    """The tokenizer (with the image token) and the image tokens per image.
+
+    Default: the real Mistral-7B-Instruct-v0.2 tokenizer (offline) and 576 image tokens. A LLaVA
+    model directory gives its own tokenizer and its vision tower's count.
+    """
+    if name_or_path is None:
+        return mistral_with_image_token(image_token, cache_dir), DEFAULT_IMAGE_TOKENS
+    from transformers import AutoConfig, AutoTokenizer
+
+    from qlora_med.model import add_llava_tokens
+
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    n_image = DEFAULT_IMAGE_TOKENS
+    try:
+        config = AutoConfig.from_pretrained(name_or_path)
+    except (OSError, ValueError):
+        config = None
+    if config is not None and hasattr(config, "vision_config"):
+        from qlora_med.runner import num_image_tokens
+
+        n_image = num_image_tokens(config)
+    if image_token not in tokenizer.get_vocab():
+        add_llava_tokens(tokenizer, image_token)
+    return tokenizer, n_image
+
+
+def plot_lengths(report: CheckReport, out: Path) -> None:
+    """Histogram of token lengths (image tokens included) with max_length marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 3.8), dpi=100)
+    if len(report.lengths):
+        ax.hist(report.lengths, bins=min(60, max(5, len(np.unique(report.lengths)))), color="tab:blue")
+    ax.axvline(report.max_length, color="tab:red", linestyle="--", label=f"max_length {report.max_length}")
+    ax.set(xlabel=f"tokens per sample (incl. {report.num_image_tokens} image tokens)", ylabel="samples",
+           title=f"{Path(report.path).name}: {len(report.lengths)} samples, {report.over_max_length} truncated")
+    ax.legend()
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out)
+    plt.close(fig)
