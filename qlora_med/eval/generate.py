@@ -1,0 +1,338 @@
+"""Generation from a trained model with prompts and images prepared exactly as training prepared them.
+
+A prompt is ``templates.render`` with a final answer of ``None``, tokenized by ``templates.encode``
+(image token expanded to the model's number of image features); images go through the training
+collator's own preprocessing (EXIF, RGB, pad/crop to square with the processor's mean colour, image
+processor). Batches are left-padded; temperature 0 means greedy decoding.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import sys
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from qlora_med.data.dataset import VisionCollator
+from qlora_med.data.records import IMAGE_TOKEN, iter_json_objects
+from qlora_med.errors import DataError
+from qlora_med.templates import Rendered, encode, render
+
+logger = logging.getLogger(__name__)
+
+# Templates whose answers do not end in EOS: cut the generation at these strings.
+STOP_STRINGS: dict[str, list[str]] = {"llava_med_v1": ["###"], "plain": ["\n"]}
+# Copied from a test record into the prediction's metadata when present.
+_METADATA_KEYS = ("answer_type", "question_type", "type", "domain")
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Decoding settings; ``temperature`` 0 is greedy."""
+
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_p: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError("max_new_tokens must be >= 1")
+        if self.temperature < 0 or not 0 < self.top_p <= 1:
+            raise ValueError("temperature must be >= 0 and top_p in (0, 1]")
+
+
+@dataclass(frozen=True)
+class Question:
+    """One test question: ``text`` is the first human turn as written in the file."""
+
+    id: str
+    image: Path
+    text: str
+    metadata: dict[str, Any] = field(default_factory=dict)
+    raw_id: Any = None  # the id as written in the file (int or str), echoed as question_id
+
+
+def load_questions(path: Path, image_folder: Path) -> list[Question]:
+    """Questions from a LLaVA-Med VQA file (``id``, ``conversations``) or qa50 JSONL (``question_id``, ``text``)."""
+    questions: list[Question] = []
+    for number, obj in iter_json_objects(path):
+        where = f"{path} record #{number}"
+        if not isinstance(obj, dict):
+            raise DataError(f"{where}: expected a JSON object")
+        turns = obj.get("conversations", obj.get("conversatons"))
+        if isinstance(turns, list) and turns and isinstance(turns[0], dict):
+            rid, text = obj.get("id"), turns[0].get("value")
+        else:
+            rid, text = obj.get("question_id"), obj.get("text")
+        if (
+            rid is None
+            or not isinstance(text, str)
+            or not text.strip()
+            or not isinstance(obj.get("image"), str)
+        ):
+            raise DataError(
+                f"{where}: needs 'id' + 'conversations' (VQA) or 'question_id' + 'text' (qa50), and 'image'"
+            )
+        meta = {k: obj[k] for k in _METADATA_KEYS if k in obj}
+        questions.append(Question(str(rid), image_folder / obj["image"], text, meta, rid))
+    ids = [q.id for q in questions]
+    if len(set(ids)) != len(ids):
+        raise DataError(f"{path}: duplicate question ids")
+    return questions
+
+
+def _vision_dtype(model) -> torch.dtype:
+    for name, param in model.named_parameters():
+        if "vision_tower" in name and param.is_floating_point():
+            return param.dtype
+    return torch.float32
+
+
+class Generator:
+    """Wraps ``load_trained``'s ``(model, processor, info)`` for batched and streamed generation."""
+
+    def __init__(self, model, processor, info: dict) -> None:
+        from qlora_med.runner import num_image_tokens
+
+        self.model, self.processor, self.info = model, processor, info
+        self.tokenizer = processor.tokenizer
+        self.template: str = info["template"]
+        self.image_token: str = info.get("image_token") or getattr(processor, "image_token", IMAGE_TOKEN)
+        self.image_token_id = self.tokenizer.convert_tokens_to_ids(self.image_token)
+        self.num_image_tokens = num_image_tokens(model.config)
+        self.collator = VisionCollator(processor, info.get("image_aspect", "pad"))
+        self.pixel_dtype = _vision_dtype(model)
+        text_config = getattr(model.config, "text_config", model.config)
+        self.context_length: int = getattr(text_config, "max_position_embeddings", 4096)
+        self.stop_strings = STOP_STRINGS.get(self.template, [])
+
+    @classmethod
+    def load(cls, path: str | Path, compute_dtype: str = "auto") -> Generator:
+        """Load a run dir, stage ``final/``, checkpoint or merged model (see ``load_trained``)."""
+        from qlora_med.trained import load_trained
+
+        model, processor, info = load_trained(path, compute_dtype)
+        if torch.cuda.is_available() and model.device.type == "cpu":
+            model.to("cuda")
+        return cls(model, processor, info)
+
+    # ---------------------------------------------------------------- prompts
+
+    def render(self, rounds: list[tuple[str, str | None]]) -> Rendered:
+        """The training render of ``rounds``; a final answer of ``None`` ends at the generation point."""
+        if self.image_token != IMAGE_TOKEN:
+            rounds = [(q.replace(IMAGE_TOKEN, self.image_token), a) for q, a in rounds]
+        tok = self.tokenizer
+        return render(self.template, rounds, self.image_token, tok.bos_token, tok.eos_token)
+
+    def prompt_ids(self, rounds: list[tuple[str, str | None]]) -> list[int]:
+        """Token ids of the generation prompt, image token expanded as in training."""
+        rendered = self.render(rounds)
+        return encode(
+            self.tokenizer, rendered, self.image_token_id, self.num_image_tokens, sys.maxsize
+        ).input_ids
+
+    def chat_prompt(
+        self, history: list[tuple[str, str]], question: str, max_new_tokens: int
+    ) -> tuple[list[int], list[tuple[str, str | None]]]:
+        """Prompt ids for ``question`` after ``history``, dropping the oldest rounds that do not fit.
+
+        Returns the ids and the rounds kept (the image always goes with the first kept question).
+        Typed image placeholders are removed: the one image is placed by the template.
+        """
+        question = question.replace(IMAGE_TOKEN, "").replace(self.image_token, "").strip()
+        history = list(history)
+        while True:
+            rounds: list[tuple[str, str | None]] = [*history, (question, None)]
+            ids = self.prompt_ids(rounds)
+            if len(ids) + max_new_tokens <= self.context_length or not history:
+                return ids, rounds
+            history.pop(0)
+            logger.warning(
+                "conversation longer than the context (%d tokens): dropped the oldest round",
+                self.context_length,
+            )
+
+    def pixel_values(self, images: list[Path], ids: list[str]) -> torch.Tensor:
+        """Images preprocessed by the training collator (unreadable images raise ``DataError``)."""
+        values, _ = self.collator.pixel_values([str(p) for p in images], ids)
+        return values
+
+    # ---------------------------------------------------------------- generation
+
+    def _inputs(self, prompts: list[list[int]], pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
+        longest = max(map(len, prompts))
+        pad = (
+            self.tokenizer.pad_token_id
+            if self.tokenizer.pad_token_id is not None
+            else self.tokenizer.eos_token_id
+        )
+        input_ids = torch.full((len(prompts), longest), pad, dtype=torch.long)
+        attention_mask = torch.zeros((len(prompts), longest), dtype=torch.long)
+        for row, ids in enumerate(prompts):  # left padding: every prompt ends at the last column
+            input_ids[row, longest - len(ids) :] = torch.tensor(ids)
+            attention_mask[row, longest - len(ids) :] = 1
+        device = self.model.device
+        return {
+            "input_ids": input_ids.to(device),
+            "attention_mask": attention_mask.to(device),
+            "pixel_values": pixel_values.to(device, self.pixel_dtype),
+        }
+
+    def _generate_kwargs(self, sampling: Sampling) -> dict[str, Any]:
+        tok = self.tokenizer
+        kwargs: dict[str, Any] = {
+            "max_new_tokens": sampling.max_new_tokens,
+            "do_sample": sampling.temperature > 0,
+            "pad_token_id": tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
+            "eos_token_id": tok.eos_token_id,
+            "use_cache": True,
+        }
+        if sampling.temperature > 0:
+            kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=0)
+        else:  # neutralise sampling fields a generation_config.json may carry
+            kwargs.update(temperature=None, top_p=None, top_k=None)
+        if self.stop_strings:
+            kwargs.update(stop_strings=self.stop_strings, tokenizer=tok)
+        return kwargs
+
+    def clean(self, text: str) -> str:
+        """Cut at the template's stop strings and strip whitespace."""
+        for stop in self.stop_strings:
+            text = text.split(stop, 1)[0]
+        return text.strip()
+
+    @torch.inference_mode()
+    def generate(self, prompts: list[list[int]], pixel_values: torch.Tensor, sampling: Sampling) -> list[str]:
+        """Answers for a batch of prompt ids (one image per prompt, in order)."""
+        inputs = self._inputs(prompts, pixel_values)
+        out = self.model.generate(**inputs, **self._generate_kwargs(sampling))
+        new = out[:, inputs["input_ids"].shape[1] :]
+        return [self.clean(t) for t in self.tokenizer.batch_decode(new, skip_special_tokens=True)]
+
+    def stream(self, prompt: list[int], pixel_values: torch.Tensor, sampling: Sampling) -> Iterator[str]:
+        """Yield the answer's text as it is generated (stop strings held back and removed)."""
+        from transformers import TextIteratorStreamer
+
+        streamer = TextIteratorStreamer(
+            self.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=600
+        )
+        inputs = self._inputs([prompt], pixel_values)
+        errors: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                with torch.inference_mode():
+                    self.model.generate(**inputs, **self._generate_kwargs(sampling), streamer=streamer)
+            except BaseException as err:  # surfaced in the consumer thread below
+                errors.append(err)
+                streamer.end()
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        text, shown = "", 0
+        hold = max((len(s) for s in self.stop_strings), default=0)
+        for chunk in streamer:
+            text += chunk
+            cut = min((i for i in (text.find(s) for s in self.stop_strings) if i >= 0), default=-1)
+            visible = text[:cut] if cut >= 0 else text[: max(shown, len(text) - hold)]
+            if len(visible) > shown:
+                yield visible[shown:]
+                shown = len(visible)
+            if cut >= 0:
+                break
+        thread.join()
+        if errors:
+            raise errors[0]
+        if shown < len(text) and not any(s in text for s in self.stop_strings):
+            yield text[shown:]
+
+
+def answer_id(model_id: str, question_id: str, text: str) -> str:
+    """A stable id for one answer (the same model, question and text give the same id)."""
+    return hashlib.sha1(f"{model_id}\0{question_id}\0{text}".encode()).hexdigest()[:22]
+
+
+def read_done(out: Path) -> set[str]:
+    """Question ids already answered in ``out``; a torn last line (crash mid-write) is cut off."""
+    if not out.is_file():
+        return set()
+    data = out.read_bytes()
+    done: set[str] = set()
+    good = 0
+    for line in data.splitlines(keepends=True):
+        if not line.strip():
+            good += len(line)
+            continue
+        try:
+            obj = json.loads(line)
+            if not line.endswith(b"\n"):
+                raise ValueError("no newline")
+        except ValueError:
+            if data[good + len(line) :].strip():
+                raise DataError(f"{out}: invalid JSON at byte {good}; fix or delete the file") from None
+            logger.warning("%s: dropping a partly written last line", out)
+            with out.open("r+b") as fh:
+                fh.truncate(good)
+            break
+        if not isinstance(obj, dict) or "question_id" not in obj:
+            raise DataError(f"{out}: a line without 'question_id' at byte {good}; is this a prediction file?")
+        done.add(str(obj["question_id"]))
+        good += len(line)
+    return done
+
+
+def run_vqa(
+    generator: Generator,
+    questions: list[Question],
+    out: Path,
+    model_id: str,
+    sampling: Sampling,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> int:
+    """Answer ``questions`` not yet in ``out`` (JSONL, appended and flushed per batch); returns how many."""
+    from tqdm.auto import tqdm
+
+    done = read_done(out)
+    todo = [q for q in questions if q.id not in done]
+    if done:
+        logger.info(
+            "%s: %d of %d question(s) already answered, %d to go",
+            out,
+            len(questions) - len(todo),
+            len(questions),
+            len(todo),
+        )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    settings = {
+        "template": generator.template,
+        "temperature": sampling.temperature,
+        "max_new_tokens": sampling.max_new_tokens,
+    }
+    with out.open("a", encoding="utf-8") as fh, tqdm(total=len(todo), unit="q", disable=not progress) as bar:
+        for start in range(0, len(todo), batch_size):
+            batch = todo[start : start + batch_size]
+            prompts = [generator.prompt_ids([(q.text, None)]) for q in batch]
+            pixels = generator.pixel_values([q.image for q in batch], [q.id for q in batch])
+            answers = generator.generate(prompts, pixels, sampling)
+            for q, text in zip(batch, answers, strict=True):
+                row = {
+                    "question_id": q.raw_id if q.raw_id is not None else q.id,
+                    "prompt": q.text,
+                    "text": text,
+                    "answer_id": answer_id(model_id, q.id, text),
+                    "model_id": model_id,
+                    "metadata": {**q.metadata, **settings, "image": q.image.name},
+                }
+                fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+            fh.flush()
+            bar.update(len(batch))
+    return len(todo)
