@@ -15,11 +15,12 @@ from pathlib import Path
 
 import torch
 
+from qlora_med.autobatch import resolve_batch
 from qlora_med.checkpoint import atomic_dir, atomic_write_text, save_trainable
 from qlora_med.config import RecipeConfig, StageConfig, save_resolved, validate_paths
 from qlora_med.data.build import build_stage_dataset
 from qlora_med.data.dataset import VisionCollator
-from qlora_med.distributed import is_main_process, main_process_first
+from qlora_med.distributed import is_main_process, launched_ranks, main_process_first
 from qlora_med.model import base_model_dir, load_model, resolve_compute_dtype, setup_trainable
 from qlora_med.plotting import plot_loss
 from qlora_med.resilience import BatchPlan, train_with_oom_fallback
@@ -110,7 +111,7 @@ def train_stage(recipe: RecipeConfig, stage: StageConfig) -> dict:
             save_total_limit=stage.save_total_limit,
         )
 
-    plan = BatchPlan(stage.per_device_batch_size, stage.gradient_accumulation_steps)
+    plan = BatchPlan(*resolve_batch(recipe, stage, launched_ranks()[1]))
     trainer, plan = train_with_oom_fallback(make_trainer, plan, out)
 
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
