@@ -173,8 +173,13 @@ class StageConfig:
     projector_lr: float | None = _f(None, "projector learning rate (its own optimizer param group)")
     num_epochs: float = _f(1.0, "epochs over the data")
     max_steps: int = _f(-1, "optimizer steps; -1 means use num_epochs")
-    per_device_batch_size: int = _f(4, "micro-batch per device")
-    gradient_accumulation_steps: int = _f(1, "micro-batches per optimizer step")
+    per_device_batch_size: int | Literal["auto"] = _f(
+        4, "micro-batch per device; auto: the memory planner picks it to fit the device (keeps global_batch_size)"
+    )
+    gradient_accumulation_steps: int | Literal["auto"] = _f(
+        1, "micro-batches per optimizer step; auto: global_batch_size / (micro-batch x devices)"
+    )
+    global_batch_size: int = _f(128, "samples per optimizer step when batch or accumulation is auto")
     max_length: int = _f(2048, "token limit incl. image tokens; longer samples are truncated")
     warmup_ratio: float = _f(0.03, "linear warm-up share of the steps")
     lr_scheduler: str = _f("cosine", "transformers scheduler name")
@@ -217,7 +222,16 @@ class StageConfig:
                 f"stages.{self.name}.template: unknown template '{self.template}'{hint}; "
                 f"choose one of {sorted(TEMPLATES)}"
             )
-        for key in ("per_device_batch_size", "gradient_accumulation_steps", "max_length", "save_steps"):
+        autos = [k for k in ("per_device_batch_size", "gradient_accumulation_steps") if getattr(self, k) == "auto"]
+        if len(autos) == 1:
+            raise ConfigError(
+                f"stages.{self.name}: set both per_device_batch_size and gradient_accumulation_steps to auto "
+                "(the planner picks them together to keep global_batch_size), or neither"
+            )
+        for key in ("per_device_batch_size", "gradient_accumulation_steps", "max_length", "save_steps",
+                    "global_batch_size"):
+            if getattr(self, key) == "auto":
+                continue
             if getattr(self, key) <= 0:
                 raise ConfigError(f"stages.{self.name}.{key} must be positive, got {getattr(self, key)}")
         if not 0 <= self.warmup_ratio < 1:
