@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	# CPU wheel on these machines; GPU users: install CUDA torch first, then `pip install -e .[cuda]`.
 	$(BIN)/pip install -q "torch==2.13.0"
-	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q -e ".[dev,serve]"
 	touch $(STAMP)
 
 install: $(STAMP)
