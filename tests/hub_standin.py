@@ -1,0 +1,177 @@
+"""A local stand-in for the few Hub endpoints ``HfApi.create_repo / create_branch / upload_folder`` call.
+
+Serves on 127.0.0.1 only. Endpoints (as huggingface_hub 2.4 calls them):
+``POST /api/repos/create``, ``GET /api/models/{repo}`` (repo_info, after a 401/403 on create),
+``POST /api/models/{repo}/branch/{branch}``, ``POST /api/models/{repo}/preupload/{rev}``,
+``POST /api/models/{repo}/commit/{rev}`` (NDJSON), ``POST /api/validate-yaml`` (the card), the LFS batch API
+``POST /{repo}.git/info/lfs/objects/batch`` and the ``PUT`` it points to.
+``drop_next`` closes the next N requests to ``drop_path`` without answering (a dropped connection).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import re
+import threading
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import yaml
+
+
+@dataclass
+class HubState:
+    token: str
+    lfs_threshold: int = 10**12  # files at least this big are announced as LFS uploads
+    repos: dict[str, dict] = field(default_factory=dict)
+    branches: dict[str, set[str]] = field(default_factory=dict)
+    commits: list[dict] = field(default_factory=list)
+    lfs_objects: dict[str, bytes] = field(default_factory=dict)
+    requests: list[str] = field(default_factory=list)
+    auth_headers: list[str] = field(default_factory=list)
+    validated: list[dict] = field(default_factory=list)
+    drop_next: int = 0  # close this many connections to drop_path without answering
+    drop_path: str = "/api/repos/create"
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+def _handler(state: HubState):
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args) -> None:  # quiet
+            pass
+
+        def _body(self) -> bytes:
+            if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+                data = b""
+                while True:
+                    size = int(self.rfile.readline().strip(), 16)
+                    if size == 0:
+                        self.rfile.readline()
+                        return data
+                    data += self.rfile.read(size)
+                    self.rfile.readline()
+            return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+
+        def _send(self, status: int, payload: dict | None = None) -> None:
+            data = json.dumps(payload or {}).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def _authorized(self) -> bool:
+            auth = self.headers.get("Authorization", "")
+            state.auth_headers.append(auth)
+            if auth != f"Bearer {state.token}":
+                self._send(401, {"error": "Invalid credentials in Authorization header"})
+                return False
+            return True
+
+        def _handle(self, method: str) -> None:
+            body = self._body()
+            with state.lock:
+                state.requests.append(f"{method} {self.path}")
+                if state.drop_next > 0 and self.path.startswith(state.drop_path):
+                    state.drop_next -= 1
+                    self.close_connection = True
+                    self.connection.shutdown(2)  # drop without an answer
+                    return
+            if method == "PUT" and self.path.startswith("/lfs-upload/"):
+                oid = self.path.rsplit("/", 1)[1]
+                if hashlib.sha256(body).hexdigest() != oid:
+                    return self._send(400, {"error": "sha256 mismatch"})
+                state.lfs_objects[oid] = body
+                return self._send(200)
+            if not self._authorized():
+                return
+            path = self.path.split("?")[0]
+            if method == "POST" and path == "/api/validate-yaml":
+                content = json.loads(body)["content"]
+                front = content.split("---")[1] if content.startswith("---") else ""
+                try:
+                    meta = yaml.safe_load(front) or {}
+                except yaml.YAMLError as err:
+                    return self._send(400, {"errors": [{"message": str(err)}]})
+                state.validated.append(meta)
+                return self._send(200, {"errors": [], "warnings": []})
+            if method == "POST" and path == "/api/repos/create":
+                req = json.loads(body)
+                repo_id = f"{req.get('organization') or 'me'}/{req['name']}" if "/" not in req["name"] else req["name"]
+                if repo_id in state.repos:
+                    return self._send(409, {"error": "You already created this model repo", "url": repo_id})
+                state.repos[repo_id] = req
+                state.branches[repo_id] = {"main"}
+                return self._send(200, {"url": f"http://{self.headers['Host']}/{repo_id}", "name": repo_id})
+            match = re.fullmatch(r"/api/models/([^/]+/[^/]+)(?:/(branch|preupload|commit)/(.+))?", path)
+            if match is None:
+                match_lfs = re.fullmatch(r"/([^/]+/[^/]+)\.git/info/lfs/objects/batch", path)
+                if match_lfs and method == "POST":
+                    req = json.loads(body)
+                    host = self.headers["Host"]
+                    objects = [{"oid": o["oid"], "size": o["size"],
+                                "actions": {"upload": {"href": f"http://{host}/lfs-upload/{o['oid']}"}}}
+                               for o in req["objects"]]
+                    return self._send(200, {"transfer": "basic", "objects": objects})
+                return self._send(404, {"error": f"no route {method} {path}"})
+            repo_id, action, rev = match.groups()
+            if repo_id not in state.repos:
+                return self._send(404, {"error": "Repository not found"})
+            if action is None:
+                return self._send(200, {"id": repo_id, "sha": "0" * 40, "private": state.repos[repo_id].get("private")})
+            if action == "branch":
+                state.branches[repo_id].add(rev)
+                return self._send(200)
+            if action == "preupload":
+                files = json.loads(body)["files"]
+                return self._send(200, {"files": [
+                    {"path": f["path"], "uploadMode": "lfs" if f["size"] >= state.lfs_threshold else "regular",
+                     "shouldIgnore": False, "oid": None} for f in files], "commitOid": "0" * 40})
+            if action == "commit":
+                lines = [json.loads(line) for line in body.decode().splitlines() if line.strip()]
+                commit = {"repo_id": repo_id, "revision": rev, "header": lines[0]["value"], "files": {}, "lfs": {}}
+                for line in lines[1:]:
+                    value = line["value"]
+                    if line["key"] == "file":
+                        commit["files"][value["path"]] = base64.b64decode(value["content"])
+                    elif line["key"] == "lfsFile":
+                        commit["lfs"][value["path"]] = value["oid"]
+                state.commits.append(commit)
+                oid = hashlib.sha1(body).hexdigest()
+                host = self.headers["Host"]
+                return self._send(200, {"commitUrl": f"http://{host}/{repo_id}/commit/{oid}", "commitOid": oid,
+                                        "pullRequestUrl": None})
+            return self._send(404, {"error": "unknown"})
+
+        def do_GET(self) -> None:  # noqa: N802
+            self._handle("GET")
+
+        def do_POST(self) -> None:  # noqa: N802
+            self._handle("POST")
+
+        def do_PUT(self) -> None:  # noqa: N802
+            self._handle("PUT")
+
+    return Handler
+
+
+class HubStandIn:
+    """``with HubStandIn(token) as hub:`` serves on ``hub.url`` until the block ends."""
+
+    def __init__(self, token: str) -> None:
+        self.state = HubState(token)
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self.state))
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def __enter__(self) -> HubStandIn:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.shutdown()
+        self.server.server_close()
