@@ -127,7 +127,7 @@ class KernelsConfig:
         "chunked: our chunked linear cross-entropy over labelled tokens only (no entropy/accuracy metrics); "
         "trl: SFTTrainer's fused LM head (with metrics); full: plain logits. auto: chunked on CPU, trl on CUDA",
     )
-    chunk_size: int | None = _f(None, "rows per chunk of the chunked loss; default: ~256 MiB of fp32 logits")
+    chunk_size: int | None = _f(None, "rows per chunk of the chunked loss; default: ~64 MiB of fp32 logits")
 
     def __post_init__(self) -> None:
         if self.chunk_size is not None and self.chunk_size <= 0:
@@ -296,7 +296,10 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
         if value is None and type(None) in args:
             return None
         errors = []
-        for arg in (a for a in args if a is not type(None)):
+        # try the member that matches the value's shape first, so its errors name the real key
+        candidates = sorted((a for a in args if a is not type(None)),
+                            key=lambda a: (typing.get_origin(a) is list) != isinstance(value, list))
+        for arg in candidates:
             try:
                 return _convert(value, arg, where)
             except ConfigError as err:

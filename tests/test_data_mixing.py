@@ -104,3 +104,6 @@ def test_mixed_stage_proportions_and_determinism(processor, tmp_path):
     assert all(s.cache_hit for s in build(42)[1].sources), "the draw happens after the cache"
     assert build(42)[0]["id"] == dataset["id"], "same seed, same mix"
     assert build(1)[0]["id"] != dataset["id"], "another seed draws another half"
+    for source in stats.sources:  # drawing writes nothing into the shared cache entries
+        manifest = json.loads((Path(source.cache) / "manifest.json").read_text())
+        assert sorted(p.name for p in Path(source.cache).iterdir()) == sorted(manifest["files"] + ["manifest.json"])

@@ -151,7 +151,8 @@ def _convert(cfg: DataConfig, tokenizer, spec: EncodeSpec, tmp: Path, stats: Sou
     skips = SkipLog(path)
     records_file = tmp / "records.arrow"
     stats.records = _write_records(
-        iter_records(path, cfg.image_folder, cfg.on_bad_record, cfg.max_records, skips, cfg.verify_images),
+        iter_records(path, Path(cfg.image_folder).resolve(), cfg.on_bad_record, cfg.max_records, skips,
+                     cfg.verify_images),  # absolute image paths: the entry is shared across working dirs
         records_file,
     )
     stats.skipped, stats.skip_examples = dict(skips.counts), list(skips.examples)

@@ -132,7 +132,12 @@ def packed_sdpa_attention(
     out = torch.cat(
         [
             F.scaled_dot_product_attention(
-                query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], dropout_p=dropout, scale=scaling, is_causal=True
+                query[:, :, s:e],
+                key[:, :, s:e],
+                value[:, :, s:e],
+                dropout_p=dropout,
+                scale=scaling,
+                is_causal=True,
             )
             for s, e in zip(bounds[:-1], bounds[1:], strict=True)
         ],
