@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import shutil
 from pathlib import Path
 
@@ -66,6 +67,10 @@ def resolve_attn_implementation(name: str) -> str:
     return "sdpa"
 
 
+def _under_fsdp() -> bool:
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+
+
 def quantization_config(cfg: ModelConfig, compute_dtype: torch.dtype):
     """The BitsAndBytesConfig for the LLM (vision tower, projector and lm_head skipped), or None."""
     if cfg.quantization == "none":
@@ -79,7 +84,8 @@ def quantization_config(cfg: ModelConfig, compute_dtype: torch.dtype):
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=cfg.double_quant,
         bnb_4bit_compute_dtype=compute_dtype,
-        bnb_4bit_quant_storage=torch.uint8,
+        # FSDP shards parameters of one dtype: store NF4 in the compute dtype so it can shard them
+        bnb_4bit_quant_storage=compute_dtype if _under_fsdp() else torch.uint8,
         llm_int8_skip_modules=QUANT_SKIP_MODULES,
     )
 
@@ -247,7 +253,7 @@ def load_model(cfg: ModelConfig, base_dir: Path, compute_dtype: torch.dtype, dev
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
     quant = quantization_config(cfg, compute_dtype)
-    if device_map is None and torch.cuda.is_available():
+    if device_map is None and torch.cuda.is_available() and not _under_fsdp():  # FSDP places shards itself
         device_map = {"": torch.cuda.current_device()}
     model = LlavaForConditionalGeneration.from_pretrained(
         base_dir, quantization_config=quant, dtype=compute_dtype, device_map=device_map,
