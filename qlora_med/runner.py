@@ -20,7 +20,9 @@ from qlora_med.checkpoint import atomic_dir, atomic_write_text, save_trainable
 from qlora_med.config import RecipeConfig, StageConfig, save_resolved, validate_paths
 from qlora_med.data.build import build_stage_dataset
 from qlora_med.data.dataset import VisionCollator
+from qlora_med.data.packing import PaddingFreeCollator
 from qlora_med.distributed import is_main_process, launched_ranks, main_process_first
+from qlora_med.kernel_select import apply_kernels
 from qlora_med.model import base_model_dir, load_model, resolve_compute_dtype, setup_trainable
 from qlora_med.plotting import plot_loss
 from qlora_med.resilience import BatchPlan, train_with_oom_fallback
@@ -90,6 +92,7 @@ def train_stage(recipe: RecipeConfig, stage: StageConfig) -> dict:
         base_dir = base_model_dir(recipe.model)
     model, processor = load_model(recipe.model, base_dir, compute_dtype)
     model = setup_trainable(model, stage.train, recipe.lora, previous, stage.gradient_checkpointing)
+    kernels = apply_kernels(model, recipe.kernels, stage.padding_free)  # logs which path runs
 
     dataset, stats = build_stage_dataset(
         stage, processor, num_image_tokens(model.config), recipe.model.image_token, recipe.seed,
@@ -101,14 +104,16 @@ def train_stage(recipe: RecipeConfig, stage: StageConfig) -> dict:
         args = sft_config(stage, out, recipe.seed, compute_dtype, recipe.report_to)
         args.per_device_train_batch_size = plan.micro_batch
         args.gradient_accumulation_steps = plan.accumulation
+        collator = VisionCollator(processor, recipe.model.image_aspect, stats.on_bad_image)
         return StageTrainer(
             model=model,
             args=args,
             train_dataset=dataset,
-            data_collator=VisionCollator(processor, recipe.model.image_aspect, stats.on_bad_image),
+            data_collator=PaddingFreeCollator(collator) if stage.padding_free else collator,
             processing_class=processor,
             projector_lr=stage.projector_lr,
             save_total_limit=stage.save_total_limit,
+            loss_mode=kernels.loss,
         )
 
     plan = BatchPlan(*resolve_batch(recipe, stage, launched_ranks()[1]))
@@ -126,7 +131,7 @@ def train_stage(recipe: RecipeConfig, stage: StageConfig) -> dict:
         "skipped_images": trainer.data_collator.skipped, "micro_batch": plan.micro_batch,
         "gradient_accumulation_steps": plan.accumulation, "oom_halvings": plan.halvings,
         "world_size": trainer.accelerator.num_processes, "wall_time_s": round(time.time() - start, 1),
-        "hardware": _hardware(), "versions": _versions(),
+        "hardware": _hardware(), "versions": _versions(), "kernels": kernels.summary(),
     }
     if trainer.accelerator.is_main_process:
         with atomic_dir(final) as tmp:
