@@ -120,7 +120,8 @@ class KernelsConfig:
     nf4_lora: Literal["auto", "on", "off"] = _f(
         "auto",
         "fused NF4 dequant + matmul + LoRA forward/backward for the LLM's LoRA layers. auto/on: Triton on "
-        "CUDA, the same autograd function with a PyTorch matmul on CPU (as fast as PEFT there, less memory)",
+        "CUDA, the same autograd function with a PyTorch matmul on CPU (as fast as PEFT there, less memory); "
+        "on: also requires model.quantization nf4",
     )
     loss: Literal["auto", "chunked", "trl", "full"] = _f(
         "auto",

@@ -3,15 +3,17 @@
 What ``auto`` means, and why (measured on a 2-core CPU, AVX2, fp32 compute; ``qlora-med bench``):
 
 * ``liger``: on with CUDA; off on CPU (Triton cannot compile there).
-* ``nf4_lora``: on everywhere. CUDA: the Triton kernel. CPU: the same autograd function with bitsandbytes'
-  dequantize + torch matmul; as fast as PEFT's ``Linear4bit`` (a few % faster) while saving the LoRA input
-  instead of PEFT's extra copies, so it is on by default there too.
-* ``loss``: ``chunked`` on CPU: only labelled tokens reach the LM head (TRL's fused head scores every position
-  off-GPU, image and prompt tokens included) and the [tokens, vocab] logits never exist. ``trl`` on CUDA: TRL's
-  Triton path also scores labelled tokens only, and keeps the entropy / token-accuracy metrics.
-* ``chunk_size`` (chunked loss, PyTorch backend): rows for ~64 MiB of fp32 logits per chunk (512 rows at a
-  32k vocabulary). Measured against the kernel's 256 MiB default at 1,500 labelled rows, H 512: 2% slower,
-  and the kit's peak training memory on the ``qlora-med bench`` model ~140 MiB (13%) lower.
+* ``nf4_lora``: on everywhere. CUDA: the Triton kernel (not yet benchmarked on a GPU). CPU: the same autograd
+  function with bitsandbytes' dequantize + torch matmul: speed level with PEFT's ``Linear4bit`` (MLP block
+  microbenchmark 3-12% faster; in ``qlora-med bench`` 0.94-1.18x, within run-to-run noise) and PEFT's path
+  needs 1.3-1.6x the kit's peak training memory there, so it is on by default on CPU too.
+* ``loss``: ``chunked`` on CPU: only labelled tokens reach the LM head and the [tokens, vocab] logits never
+  exist (bench: 1.3x the throughput of full logits at 0.46x the memory). TRL's fused head scores every position
+  off-GPU, image and prompt tokens included: 0.53x the chunked throughput at 3.5x the memory on CPU. ``trl`` on
+  CUDA: its Triton path scores labelled tokens only and keeps the entropy / token-accuracy metrics.
+* ``chunk_size`` (chunked loss, PyTorch backend): rows for ~64 MiB of fp32 logits per chunk (523 rows at a
+  32k vocabulary). Against the kernel's 256 MiB default: 2% slower at 1,500 labelled rows x H 512, and ~100 MiB
+  (10%) less peak training memory for the kit in ``qlora-med bench``.
 
 Apply after ``setup_trainable`` (adapters exist) and before the trainer is built (TRL wraps the patched
 forward with its own fused head).
