@@ -11,9 +11,6 @@ LoRA weights within 1e-4 relative; undo restores bit-identical outputs.
 from __future__ import annotations
 
 import logging
-import os
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -28,39 +25,18 @@ from transformers import (
     MistralConfig,
     MistralForCausalLM,
 )
+from triton_child import CHILD, child_only, run_children  # noqa: E402
 
 from qlora_med.errors import ConfigError
 from qlora_med.kernel_patch import chunked_causal_lm_loss, patch_causal_lm_loss, patch_nf4_lora
 from qlora_med.liger import apply_liger_kernels, find_llm
 
-CHILD = os.environ.get("QLORA_MED_TRITON_CHILD") == "1"
-child_only = pytest.mark.skipif(
-    not CHILD, reason="runs in the Triton-interpreter child (test_triton_interpreter)"
-)
 VOCAB = 128
 
 
 def test_triton_interpreter() -> None:
     """Run this file's ``test_child_*`` tests under ``TRITON_INTERPRET=1`` in a child process."""
-    if CHILD:
-        pytest.skip("already in the child")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "QLORA_MED_TRITON_CHILD": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "pytest",
-        "-q",
-        "-x",
-        "-p",
-        "no:cacheprovider",
-        "-k",
-        "test_child_",
-        __file__,
-    ]
-    proc = subprocess.run(
-        cmd, env=env, cwd=Path(__file__).parents[1], capture_output=True, text=True, timeout=300
-    )
-    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
+    run_children(__file__)
 
 
 def mistral_config() -> MistralConfig:

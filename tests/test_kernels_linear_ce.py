@@ -10,45 +10,19 @@ before the matmuls in both paths, but summed in a different order).
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 from qlora_med.kernels.linear_ce import linear_cross_entropy, linear_cross_entropy_reference
 from torch.utils._python_dispatch import TorchDispatchMode
+from triton_child import child_only, run_children  # noqa: E402
 
-CHILD = os.environ.get("QLORA_MED_TRITON_CHILD") == "1"
-child_only = pytest.mark.skipif(
-    not CHILD, reason="runs in the Triton-interpreter child (test_triton_interpreter)"
-)
 LOSS_TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-3}
 GRAD_TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
 
 
 def test_triton_interpreter() -> None:
     """Run this file's ``test_child_*`` tests under ``TRITON_INTERPRET=1`` in a child process."""
-    if CHILD:
-        pytest.skip("already in the child")
-    env = {**os.environ, "TRITON_INTERPRET": "1", "QLORA_MED_TRITON_CHILD": "1", "OMP_NUM_THREADS": "1"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "pytest",
-        "-q",
-        "-x",
-        "-p",
-        "no:cacheprovider",
-        "-k",
-        "test_child_",
-        __file__,
-    ]
-    proc = subprocess.run(
-        cmd, env=env, cwd=Path(__file__).parents[1], capture_output=True, text=True, timeout=300
-    )
-    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
+    run_children(__file__)
 
 
 def make_case(

@@ -11,11 +11,6 @@ outputs separately). The dequantized weight must equal bitsandbytes' exactly (in
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import bitsandbytes.functional as bnbf
 import pytest
 import torch
@@ -26,37 +21,14 @@ from qlora_med.kernels.nf4_lora import (
     nf4_lora_reference,
     resolve_backend,
 )
+from triton_child import child_only, run_children  # noqa: E402
 
-CHILD = os.environ.get("QLORA_MED_TRITON_CHILD") == "1"
-child_only = pytest.mark.skipif(
-    not CHILD, reason="runs in the Triton-interpreter child (test_triton_interpreter)"
-)
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 
 
 def test_triton_interpreter() -> None:
     """Run this file's ``test_child_*`` tests under ``TRITON_INTERPRET=1`` in a child process."""
-    if CHILD:
-        pytest.skip("already in the child")
-    # TORCHDYNAMO_DISABLE: bitsandbytes' CPU dequant would torch.compile itself for every odd shape.
-    env = {**os.environ, "TRITON_INTERPRET": "1", "QLORA_MED_TRITON_CHILD": "1", "OMP_NUM_THREADS": "1"}
-    env["TORCHDYNAMO_DISABLE"] = "1"
-    cmd = [
-        sys.executable,
-        "-m",
-        "pytest",
-        "-q",
-        "-x",
-        "-p",
-        "no:cacheprovider",
-        "-k",
-        "test_child_",
-        __file__,
-    ]
-    proc = subprocess.run(
-        cmd, env=env, cwd=Path(__file__).parents[1], capture_output=True, text=True, timeout=300
-    )
-    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
+    run_children(__file__)
 
 
 def assert_close(got: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, what: str) -> None:
