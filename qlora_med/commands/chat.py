@@ -20,6 +20,11 @@ logger = logging.getLogger(__name__)
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="run dir, stage final/, checkpoint-N/ or merged model")
     parser.add_argument("--image", type=Path, help="image to talk about (or load one later with /image PATH)")
+    add_generation_arguments(parser)
+
+
+def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
+    """Decoding options shared by ``chat`` and ``serve``."""
     parser.add_argument("--max-new-tokens", type=int, default=256, help="answer length limit in tokens")
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; > 0 samples")
     parser.add_argument(

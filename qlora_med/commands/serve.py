@@ -6,6 +6,7 @@ import argparse
 import logging
 from pathlib import Path
 
+from qlora_med.commands.chat import add_generation_arguments
 from qlora_med.errors import QloraMedError
 
 NAME = "serve"
@@ -23,14 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--examples", type=Path, help="folder of example images (default: data/sample/images)"
     )
-    parser.add_argument("--max-new-tokens", type=int, default=256, help="answer length limit in tokens")
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; > 0 samples")
-    parser.add_argument(
-        "--top-p", type=float, default=1.0, help="nucleus sampling (only with --temperature > 0)"
-    )
-    parser.add_argument(
-        "--dtype", default="auto", choices=("auto", "bf16", "fp16", "fp32"), help="compute dtype"
-    )
+    add_generation_arguments(parser)
 
 
 def main(args: argparse.Namespace) -> int:
