@@ -157,6 +157,8 @@ def make_batches(spec: BenchSpec, tokenizer, image_token_id: int, pad_id: int) -
     """``warmup + steps`` padded batches (input_ids, attention_mask, labels, pixel_values), deterministic."""
     import torch
 
+    from qlora_med.data.dataset import pad_right
+
     rng = random.Random(spec.seed)
     pool = _token_pool(tokenizer)
     gen = torch.Generator().manual_seed(spec.seed)
@@ -176,17 +178,13 @@ def make_batches(spec: BenchSpec, tokenizer, image_token_id: int, pad_id: int) -
                 ids += chunk
                 labels += chunk if labelled else [-100] * len(chunk)
             samples.append((ids[: spec.max_length], labels[: spec.max_length]))
-        width = max(len(ids) for ids, _ in samples)
+        input_ids, labels, mask = pad_right([i for i, _ in samples], [lab for _, lab in samples], pad_id)
         batch = {
-            "input_ids": torch.full((len(samples), width), pad_id),
-            "attention_mask": torch.zeros((len(samples), width), dtype=torch.long),
-            "labels": torch.full((len(samples), width), -100),
+            "input_ids": input_ids,
+            "attention_mask": mask,
+            "labels": labels,
             "pixel_values": torch.randn(len(samples), 3, size, size, generator=gen),
         }
-        for row, (ids, labels) in enumerate(samples):
-            batch["input_ids"][row, : len(ids)] = torch.tensor(ids)
-            batch["labels"][row, : len(ids)] = torch.tensor(labels)
-            batch["attention_mask"][row, : len(ids)] = 1
         batches.append(batch)
     return batches
 

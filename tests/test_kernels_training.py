@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from qlora_med.config import KernelsConfig, load_recipe
+from qlora_med.data.dataset import pad_right
 from qlora_med.data.packing import PaddingFreeCollator
 from qlora_med.errors import ConfigError
 from qlora_med.kernel_select import apply_kernels
@@ -36,15 +37,7 @@ class SyntheticCollator:
         self.skipped = 0
 
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
-        width = max(len(f["input_ids"]) for f in features)
-        ids = torch.full((len(features), width), self.pad_id)
-        labels = torch.full((len(features), width), -100)
-        mask = torch.zeros((len(features), width), dtype=torch.long)
-        for row, f in enumerate(features):
-            n = len(f["input_ids"])
-            ids[row, :n] = torch.tensor(f["input_ids"])
-            labels[row, :n] = torch.tensor(f["labels"])
-            mask[row, :n] = 1
+        ids, labels, mask = pad_right([f["input_ids"] for f in features], [f["labels"] for f in features], self.pad_id)
         pixels = torch.stack(
             [torch.randn(3, 56, 56, generator=torch.Generator().manual_seed(f["id"])) for f in features]
         )

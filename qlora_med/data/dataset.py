@@ -69,6 +69,21 @@ def encode_records(
     return datasets.Dataset.from_dict(rows), stats
 
 
+def pad_right(
+    ids: list[list[int]], labels: list[list[int]], pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-pad token ids (with ``pad_id``) and labels (with the ignore index); returns ids, labels, mask."""
+    width = max(len(row) for row in ids)
+    input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)
+    padded_labels = torch.full((len(ids), width), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(ids), width), dtype=torch.long)
+    for row, (row_ids, row_labels) in enumerate(zip(ids, labels, strict=True)):
+        input_ids[row, : len(row_ids)] = torch.tensor(row_ids)
+        padded_labels[row, : len(row_ids)] = torch.tensor(row_labels)
+        attention_mask[row, : len(row_ids)] = 1
+    return input_ids, padded_labels, attention_mask
+
+
 class VisionCollator:
     """Loads and preprocesses the batch's images and pads token ids / labels.
 
@@ -111,15 +126,9 @@ class VisionCollator:
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         pixel_values, kept = self.pixel_values([f["image"] for f in features], [f["id"] for f in features])
         features = [features[i] for i in kept]
-        longest = max(len(f["input_ids"]) for f in features)
-        input_ids = torch.full((len(features), longest), self.pad_id, dtype=torch.long)
-        labels = torch.full((len(features), longest), IGNORE_INDEX, dtype=torch.long)
-        attention_mask = torch.zeros((len(features), longest), dtype=torch.long)
-        for row, f in enumerate(features):
-            n = len(f["input_ids"])
-            input_ids[row, :n] = torch.tensor(f["input_ids"])
-            labels[row, :n] = torch.tensor(f["labels"])
-            attention_mask[row, :n] = 1
+        input_ids, labels, attention_mask = pad_right(
+            [f["input_ids"] for f in features], [f["labels"] for f in features], self.pad_id
+        )
         return {
             "input_ids": input_ids,
             "attention_mask": attention_mask,
