@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from qlora_med.data.records import iter_json_objects
 from qlora_med.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -280,20 +281,12 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 
 def read_records(path: Path) -> list[dict[str, Any]]:
-    """Read a JSON list of objects, or JSONL when the file does not start with ``[``."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as err:
-        raise DataError(f"cannot read {path}: {err.strerror or err}") from err
-    if not text.lstrip().startswith("["):
-        return read_jsonl(path)
-    try:
-        records = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise DataError(f"{path}:{err.lineno}: invalid JSON ({err.msg} at column {err.colno})") from err
-    bad = [i for i, r in enumerate(records) if not isinstance(r, dict)]
-    if bad:
-        raise DataError(f"{path}: record {bad[0]} is not a JSON object")
+    """Read a JSON list of objects or JSONL (the training reader: errors name file, line and fix)."""
+    records = []
+    for number, record in iter_json_objects(Path(path)):
+        if not isinstance(record, dict):
+            raise DataError(f"{path}: record {number} is not a JSON object")
+        records.append(record)
     return records
 
 
