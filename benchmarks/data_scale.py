@@ -53,7 +53,7 @@ def _cpu_s() -> float:
 
 
 def _stage(data: Path, images: Path):
-    from qlora_med.config import DataConfig, StageConfig
+    from qlora_med.config.schema import DataConfig, StageConfig
 
     return StageConfig(name="align", kind="align", max_length=MAX_LENGTH,
                        data=DataConfig(path=str(data), image_folder=str(images)))
@@ -90,8 +90,8 @@ def child_train(recipe: Path, out: Path) -> None:
 
     from transformers.trainer_callback import CallbackHandler
 
-    from qlora_med.config import load_recipe
-    from qlora_med.runner import run_recipe
+    from qlora_med.config.loader import load_recipe
+    from qlora_med.train.runner import run_recipe
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     stamps: list[float] = []
@@ -125,7 +125,7 @@ def decode_rate(dataset, processor, images: list[str] | None = None, batches: in
     import numpy as np
     import torch
 
-    from qlora_med.data.dataset import VisionCollator
+    from qlora_med.data.collate import VisionCollator
 
     torch.set_num_threads(1)
     collator = VisionCollator(processor, "pad")
@@ -210,8 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--csv", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
 
-    from qlora_med.config import TinyModelConfig
-    from qlora_med.model import build_tiny, make_processor
+    from qlora_med.config.schema import TinyModelConfig
+    from qlora_med.model.build import build_tiny, make_processor
 
     work = args.work
     work.mkdir(parents=True, exist_ok=True)

@@ -40,7 +40,7 @@ def build(work: Path) -> Path:
     from safetensors.torch import save_file
     from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration, MistralConfig
 
-    from qlora_med.model import add_llava_tokens, make_processor, mistral_tokenizer
+    from qlora_med.model.build import add_llava_tokens, make_processor, mistral_tokenizer
 
     base, final = work / "base", work / "run" / "instruct" / "final"
     if (final / "stage.json").is_file():
@@ -87,7 +87,7 @@ def worker(mode: str, final: Path, out: Path, shard: str) -> dict:
     from huggingface_hub import ModelCardData  # noqa: F401
     from transformers import AutoProcessor, LlavaForConditionalGeneration  # noqa: F401
 
-    from qlora_med.merge import MergeOptions, merge
+    from qlora_med.artifacts.merge import MergeOptions, merge
 
     shutil.rmtree(out, ignore_errors=True)
     baseline = _vm("VmHWM")

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from qlora_med.plan import GIB, LLMShape, ModelShape, RunSpec, VisionShape, estimate_memory, preset  # noqa: E402
+from qlora_med.plan.estimate import GIB, LLMShape, ModelShape, RunSpec, VisionShape, estimate_memory, preset
 
 MB, MIB = 1e6, 2**20
 

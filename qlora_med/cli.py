@@ -10,8 +10,8 @@ import sys
 from types import ModuleType
 
 from qlora_med import __version__, commands
-from qlora_med.distributed import quiet_non_main_ranks
 from qlora_med.errors import QloraMedError
+from qlora_med.train.distributed import quiet_non_main_ranks
 
 
 def _command_modules() -> list[ModuleType]:

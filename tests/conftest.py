@@ -27,8 +27,8 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory) -> Path:
     """A tiny LLaVA (CLIP + Mistral from config, real Mistral tokenizer) saved in HF format."""
-    from qlora_med.config import TinyModelConfig
-    from qlora_med.model import build_tiny
+    from qlora_med.config.schema import TinyModelConfig
+    from qlora_med.model.build import build_tiny
 
     return build_tiny(TinyModelConfig(), tmp_path_factory.mktemp("models") / "tiny-llava")
 

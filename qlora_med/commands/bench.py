@@ -42,7 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from qlora_med.bench import (
+    from qlora_med.bench.suite import (
         QUICK,
         VARIANTS,
         BenchSpec,

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from qlora_med.templates import TEMPLATES
+from qlora_med.prompts.templates import TEMPLATES
 
 NAME = "data check"
 HELP = "check a LLaVA-Med data file (any format): images, roles, <image>, duplicate ids, token lengths"

@@ -6,9 +6,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from qlora_med.commands.push import human_size
-from qlora_med.export import FORMATS, ExportOptions, export
-from qlora_med.merge import DTYPES
+from qlora_med.artifacts.export import FORMATS, ExportOptions, export
+from qlora_med.artifacts.merge import DTYPES
+from qlora_med.commands._options import human_size
 
 NAME = "export"
 HELP = "export a trained run as a PEFT adapter, a LLaVA-Med v1.5 checkpoint or GGUF files for llama.cpp"

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from qlora_med.merge import DTYPES, MergeOptions, merge
+from qlora_med.artifacts.merge import DTYPES, MergeOptions, merge
 
 NAME = "merge"
 HELP = "merge a trained run's LoRA adapters and projector into a full-precision HF LLaVA checkpoint"

@@ -6,8 +6,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from qlora_med.hub import PushOptions, PushPlan, push
-from qlora_med.model_card import CardOptions
+from qlora_med.artifacts.card import CardOptions
+from qlora_med.artifacts.hub import PushOptions, PushPlan, push
+from qlora_med.commands._options import human_size
 
 NAME = "push"
 HELP = "push a merged/exported model folder (with its model card) to the Hugging Face Hub in one commit"
@@ -29,14 +30,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--license", default="other", help="license id for the card metadata (default: other)")
     parser.add_argument("--retries", type=int, default=3, help="retries of each Hub call on transient errors")
     parser.epilog = "The token is read from HF_TOKEN or the `hf auth login` store; HF_ENDPOINT selects the Hub."
-
-
-def human_size(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} GB"
 
 
 def _print_plan(plan: PushPlan, repo_id: str, dry_run: bool) -> None:

@@ -6,7 +6,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from qlora_med.commands.chat import add_generation_arguments
+from qlora_med.commands._options import add_generation_arguments
 from qlora_med.errors import QloraMedError
 
 NAME = "serve"
@@ -33,7 +33,7 @@ def main(args: argparse.Namespace) -> int:
     except ImportError:
         raise QloraMedError("qlora-med serve needs Gradio: pip install gradio") from None
     from qlora_med.eval.generate import Generator, Sampling
-    from qlora_med.serve import DEFAULT_EXAMPLES, build_app, launch
+    from qlora_med.serve.app import DEFAULT_EXAMPLES, build_app, launch
 
     try:
         sampling = Sampling(args.max_new_tokens, args.temperature, args.top_p)

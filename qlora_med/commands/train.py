@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from qlora_med.commands.run import summarise
+from qlora_med.commands._options import summarise
 
 NAME = "train"
 HELP = "run one stage of a recipe (it starts from the previous stage's final output)"
@@ -17,8 +17,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from qlora_med.config import load_recipe
-    from qlora_med.runner import run_recipe
+    from qlora_med.config.loader import load_recipe
+    from qlora_med.train.runner import run_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
     summarise(run_recipe(recipe, only=args.stage), recipe.output_dir)

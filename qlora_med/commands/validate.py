@@ -17,7 +17,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from qlora_med.config import load_recipe, validate_paths
+    from qlora_med.config.files import validate_paths
+    from qlora_med.config.loader import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
     if not args.no_files:

@@ -31,7 +31,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from filelock import FileLock
 
-from qlora_med.config import DataConfig, StageConfig
+from qlora_med.config.schema import DataConfig, StageConfig
 from qlora_med.data import cache
 from qlora_med.data.encoder import IMAGE_CUT, NO_ANSWER, SCHEMA, BatchEncoder, EncodeSpec
 from qlora_med.data.records import SkipLog, iter_records

@@ -21,10 +21,10 @@ from typing import Any
 
 import numpy as np
 
+from qlora_med.config.stages import STAGE_PRESETS
 from qlora_med.data.encoder import IMAGE_CUT, NO_ANSWER, BatchEncoder, EncodeSpec
 from qlora_med.data.records import IMAGE_TOKEN, BadRecord, InvalidJSON, iter_json_objects, parse_record
 from qlora_med.errors import DataError
-from qlora_med.stages import STAGE_PRESETS
 
 logger = logging.getLogger(__name__)
 
@@ -263,8 +263,8 @@ def mistral_with_image_token(image_token: str, cache_dir: Path | None = None):
     import mistral_common
     from transformers import AutoTokenizer
 
-    from qlora_med.checkpoint import atomic_dir
-    from qlora_med.model import add_llava_tokens, mistral_tokenizer
+    from qlora_med.io import atomic_dir
+    from qlora_med.model.build import add_llava_tokens, mistral_tokenizer
 
     tag = hashlib.sha256(image_token.encode()).hexdigest()[:8]
     saved = (cache_dir or default_cache_dir()) / "tokenizers" / f"mistral-v0.2-{mistral_common.__version__}-{tag}"
@@ -292,7 +292,7 @@ def load_tokenizer(name_or_path: str | None, image_token: str = IMAGE_TOKEN,
         return mistral_with_image_token(image_token, cache_dir), DEFAULT_IMAGE_TOKENS
     from transformers import AutoConfig, AutoTokenizer
 
-    from qlora_med.model import add_llava_tokens
+    from qlora_med.model.build import add_llava_tokens
 
     tokenizer = AutoTokenizer.from_pretrained(name_or_path)
     n_image = DEFAULT_IMAGE_TOKENS
@@ -301,7 +301,7 @@ def load_tokenizer(name_or_path: str | None, image_token: str = IMAGE_TOKEN,
     except (OSError, ValueError):
         config = None
     if config is not None and hasattr(config, "vision_config"):
-        from qlora_med.runner import num_image_tokens
+        from qlora_med.model.load import num_image_tokens
 
         n_image = num_image_tokens(config)
     if image_token not in tokenizer.get_vocab():

@@ -14,7 +14,7 @@ from itertools import chain
 import numpy as np
 import pyarrow as pa
 
-from qlora_med.templates import IGNORE_INDEX, render
+from qlora_med.prompts.templates import IGNORE_INDEX, render
 
 # Why a sample cannot be used (counted, or raised by the caller).
 NO_ANSWER = "no_answer_tokens_after_truncation"

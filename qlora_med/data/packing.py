@@ -30,14 +30,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from qlora_med.kernel_patch import PatchHandle, unwrap_model
-from qlora_med.templates import IGNORE_INDEX
+from qlora_med.prompts.templates import IGNORE_INDEX
 
 logger = logging.getLogger(__name__)
-
-PACKED_SDPA = "qlora_med_packed_sdpa"
 PACKED_KEYS = ("position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
 
 
@@ -85,104 +81,3 @@ class PaddingFreeCollator:
         if name == "collator":  # not set yet (unpickling): avoid recursing
             raise AttributeError(name)
         return getattr(self.collator, name)
-
-
-def real_tokens(batch: dict[str, Any]) -> int:
-    """Non-padding tokens (image tokens included) of a padded or packed batch."""
-    if "attention_mask" in batch:
-        return int(batch["attention_mask"].sum())
-    return int(batch["input_ids"].numel())
-
-
-# ----------------------------------------------------------------------------- attention
-
-
-def packed_sdpa_attention(
-    module: nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    dropout: float = 0.0,
-    scaling: float | None = None,
-    is_causal: bool | None = None,
-    **kwargs: Any,
-) -> tuple[torch.Tensor, None]:
-    """transformers attention function: per-sample causal SDPA on a packed row (``cu_seq_lens_q`` given),
-    else transformers' ``sdpa_attention_forward`` unchanged. Returns ([B, T, H, D], None) like it."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    cu = kwargs.get("cu_seq_lens_q")
-    window = kwargs.get("sliding_window")
-    packed = (
-        cu is not None
-        and query.shape[0] == 1
-        and query.shape[2] == key.shape[2] == int(cu[-1])
-        and (window is None or int(kwargs.get("max_length_q") or query.shape[2]) <= window)
-        and getattr(module, "is_causal", True) is not False
-    )
-    if not packed:  # the mask built from position_ids (block-diagonal when packed) is correct here
-        return sdpa_attention_forward(
-            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal,
-            **kwargs,
-        )  # fmt: skip
-    groups = query.shape[1] // key.shape[1]
-    if groups > 1:
-        key = key.repeat_interleave(groups, dim=1)
-        value = value.repeat_interleave(groups, dim=1)
-    bounds = cu.tolist()
-    out = torch.cat(
-        [
-            F.scaled_dot_product_attention(
-                query[:, :, s:e],
-                key[:, :, s:e],
-                value[:, :, s:e],
-                dropout_p=dropout,
-                scale=scaling,
-                is_causal=True,
-            )
-            for s, e in zip(bounds[:-1], bounds[1:], strict=True)
-        ],
-        dim=2,
-    )
-    return out.transpose(1, 2).contiguous(), None
-
-
-def register_packed_sdpa() -> None:
-    """Register :data:`PACKED_SDPA` (attention + transformers' sdpa mask) by name; idempotent, global by name only."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
-    AttentionInterface.register(PACKED_SDPA, packed_sdpa_attention)
-    AttentionMaskInterface.register(PACKED_SDPA, sdpa_mask)
-
-
-def enable_padding_free(model: nn.Module) -> PatchHandle:
-    """Make the LLM of ``model`` keep attention within each sample of a packed row; ``undo()`` restores it.
-
-    With ``sdpa`` the LLM's config switches to :data:`PACKED_SDPA` (vision tower untouched); flash-attn and eager
-    need nothing. Logs which path runs.
-    """
-    inner = unwrap_model(model)
-    text_config = inner.config.get_text_config()
-    impl = text_config._attn_implementation
-    handle = PatchHandle("padding-free attention")
-    if impl == "sdpa":
-        register_packed_sdpa()
-        text_config._attn_implementation = PACKED_SDPA
-
-        def restore() -> None:
-            text_config._attn_implementation = impl
-
-        handle.targets.append(f"{type(inner).__name__}.text_config")
-        handle._restores.append(restore)
-        logger.info("padding-free batches: packed rows, one causal SDPA call per sample (%s)", PACKED_SDPA)
-    elif impl in (PACKED_SDPA,) or str(impl).startswith("flash_attention"):
-        logger.info("padding-free batches: packed rows, %s varlen attention over cu_seq_lens", impl)
-    else:
-        logger.warning(
-            "padding-free batches with %s attention: transformers builds a T x T block-diagonal mask from "
-            "position_ids (correct but slow); use attn_implementation sdpa or flash_attention_2",
-            impl,
-        )
-    return handle

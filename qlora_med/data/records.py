@@ -285,20 +285,3 @@ def _unreadable(image: Path) -> str | None:
     except DataError as err:
         return f"image '{image}' is unreadable ({err.__cause__})"
     return None
-
-
-def load_records(
-    path: str | Path,
-    image_folder: str | Path,
-    on_bad_record: str = "error",
-    max_records: int | None = None,
-    skips: SkipLog | None = None,
-) -> list[Record]:
-    """Load and check every record of a LLaVA-Med file."""
-    path = Path(path)
-    skips = skips if skips is not None else SkipLog(path)
-    records = list(iter_records(path, image_folder, on_bad_record, max_records, skips))
-    skips.report()
-    if not records:
-        raise DataError(f"{path}: no usable records")
-    return records

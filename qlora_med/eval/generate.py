@@ -20,10 +20,10 @@ from typing import Any
 
 import torch
 
-from qlora_med.data.dataset import VisionCollator
+from qlora_med.data.collate import VisionCollator
 from qlora_med.data.records import IMAGE_TOKEN, iter_json_objects
 from qlora_med.errors import DataError
-from qlora_med.templates import Rendered, encode, render
+from qlora_med.prompts.templates import Rendered, encode, render
 
 logger = logging.getLogger(__name__)
 
@@ -99,7 +99,7 @@ class Generator:
     """Wraps ``load_trained``'s ``(model, processor, info)`` for batched and streamed generation."""
 
     def __init__(self, model, processor, info: dict) -> None:
-        from qlora_med.runner import num_image_tokens
+        from qlora_med.model.load import num_image_tokens
 
         self.model, self.processor, self.info = model, processor, info
         self.tokenizer = processor.tokenizer
@@ -116,7 +116,7 @@ class Generator:
     @classmethod
     def load(cls, path: str | Path, compute_dtype: str = "auto") -> Generator:
         """Load a run dir, stage ``final/``, checkpoint or merged model (see ``load_trained``)."""
-        from qlora_med.trained import load_trained
+        from qlora_med.artifacts.load import load_trained
 
         model, processor, info = load_trained(path, compute_dtype)
         if torch.cuda.is_available() and model.device.type == "cpu":

@@ -1,0 +1,46 @@
+"""Atomic writes and the trainable state of a stage (adapter + projector), never the frozen base."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from qlora_med.model.load import projector_module
+
+logger = logging.getLogger(__name__)
+
+PROJECTOR_FILE = "projector.safetensors"
+ADAPTER_FILE = "adapter_model.safetensors"
+
+
+def save_trainable(model: torch.nn.Module, out: Path) -> None:
+    """Write the LoRA adapter (PEFT format, if any) and the projector weights to ``out``."""
+    from peft import PeftModel
+
+    out.mkdir(parents=True, exist_ok=True)
+    if isinstance(model, PeftModel):
+        model.save_pretrained(out)
+    state = {k: v.detach().contiguous().cpu() for k, v in projector_module(model).state_dict().items()}
+    save_file(state, out / PROJECTOR_FILE, metadata={"format": "pt"})
+
+
+def load_projector(model: torch.nn.Module, src: Path) -> None:
+    """Load projector weights saved by :func:`save_trainable` (dtype of the live module kept)."""
+    projector_module(model).load_state_dict(load_file(src / PROJECTOR_FILE), strict=True)
+
+
+def load_trainable(model: torch.nn.Module, src: Path) -> None:
+    """Restore adapter and projector weights in place (used when resuming a checkpoint)."""
+    from peft import PeftModel, set_peft_model_state_dict
+
+    if isinstance(model, PeftModel):
+        adapter = src / ADAPTER_FILE
+        if not adapter.is_file():
+            raise FileNotFoundError(f"{src}: checkpoint has no {ADAPTER_FILE}")
+        result = set_peft_model_state_dict(model, load_file(adapter))
+        if result.unexpected_keys:
+            raise ValueError(f"{src}: unexpected adapter keys {result.unexpected_keys[:5]}")
+    load_projector(model, src)

@@ -1,0 +1,272 @@
+"""Export a trained run as a PEFT adapter, an original LLaVA-Med v1.5 checkpoint, or GGUF for llama.cpp.
+
+* ``peft``: ``adapter_model.safetensors`` + ``adapter_config.json`` (loads with
+  ``PeftModel.from_pretrained`` on the HF LLaVA base), ``projector.safetensors``, processor files with
+  the training chat template, and a README on loading both.
+* ``llava-med``: the layout of ``microsoft/llava-med-v1.5-mistral-7b`` (LLaVA's ``llava_mistral``):
+  LLM keys ``model.*`` / ``lm_head.weight``, projector ``model.mm_projector.{0,2}.*`` (``mlp2x_gelu``),
+  vision tower ``model.vision_tower.vision_tower.vision_model.*`` (LLaVA-Med checkpoints carry it;
+  its code loads the tower by the name in ``mm_vision_tower``), and a config with the ``mm_*`` keys of
+  ``llava/model/llava_arch.py``. The HF config is kept under ``qlora_med_hf_config`` so
+  :func:`llava_med_to_hf` restores the HF checkpoint tensor for tensor.
+* ``gguf``: see :mod:`qlora_med.gguf_export`.
+
+``llava-med`` and ``gguf`` start from a merged model; given a run, they merge it first (to a
+temporary directory next to ``out``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from safetensors import safe_open
+
+from qlora_med.artifacts.adapter import ADAPTER_FILE, PROJECTOR_FILE
+from qlora_med.artifacts.merge import META_FILE, MergeOptions, merge
+from qlora_med.artifacts.run_dir import resolve_trained, stage_chain, stage_info
+from qlora_med.artifacts.shards import ShardWriter, canonical_key, parse_size, weight_files
+from qlora_med.errors import QloraMedError
+from qlora_med.io import atomic_dir
+
+logger = logging.getLogger(__name__)
+
+FORMATS = ("peft", "llava-med", "gguf", "hf")
+HF_CONFIG_KEY = "qlora_med_hf_config"
+_LLAVA_ARCH = {"mistral": ("llava_mistral", "LlavaMistralForCausalLM"), "llama": ("llava_llama", "LlavaLlamaForCausalLM")}
+# canonical (transformers 5 in-memory) prefix <-> LLaVA-Med prefix, most specific first
+_LLAVA_MED_PREFIXES = [
+    ("model.multi_modal_projector.linear_1.", "model.mm_projector.0."),
+    ("model.multi_modal_projector.linear_2.", "model.mm_projector.2."),
+    ("model.vision_tower.", "model.vision_tower.vision_tower.vision_model."),
+    ("model.language_model.", "model."),
+    ("lm_head.", "lm_head."),
+]
+# canonical -> transformers 5 on-disk LLaVA names (what save_pretrained writes)
+_HF_DISK_PREFIXES = [
+    ("lm_head.", "language_model.lm_head."),
+    ("model.language_model.", "language_model.model."),
+    ("model.vision_tower.", "vision_tower."),
+    ("model.multi_modal_projector.", "multi_modal_projector."),
+]
+
+
+def _swap_prefix(key: str, table: list[tuple[str, str]], reverse: bool = False) -> str:
+    for a, b in table:
+        old, new = (b, a) if reverse else (a, b)
+        if key.startswith(old):
+            return new + key[len(old):]
+    raise QloraMedError(f"tensor '{key}' does not belong to a LLaVA checkpoint (no known prefix)")
+
+
+def to_llava_med_key(hf_key: str) -> str:
+    """HF LLaVA checkpoint key (any on-disk layout) -> LLaVA-Med key."""
+    return _swap_prefix(canonical_key(hf_key), _LLAVA_MED_PREFIXES)
+
+
+def from_llava_med_key(key: str) -> str:
+    """LLaVA-Med key -> transformers 5 on-disk LLaVA key."""
+    return _swap_prefix(_swap_prefix(key, _LLAVA_MED_PREFIXES, reverse=True), _HF_DISK_PREFIXES)
+
+
+def convert_weights(src: Path, out: Path, rename: Callable[[str], str], max_shard_size: str | int = "2GB") -> list[str]:
+    """Stream every tensor of ``src``'s shards into ``out`` under a new name (values untouched)."""
+    writer = ShardWriter(out, parse_size(max_shard_size))
+    for shard in weight_files(src):
+        with safe_open(str(shard), framework="pt") as handle:
+            for key in handle.keys():  # noqa: SIM118
+                writer.add(rename(key), handle.get_tensor(key).clone())  # clone: release the shard's mmap
+    return writer.finish()
+
+
+@dataclass
+class ExportOptions:
+    """Options of ``qlora-med export``."""
+
+    format: str
+    dtype: str | None = None
+    nf4_faithful: bool = False
+    base_model_id: str | None = None
+    vision_tower_name: str | None = None
+    max_shard_size: str = "2GB"
+    overwrite: bool = False
+
+
+def _check_out(out: Path, overwrite: bool) -> None:
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise QloraMedError(f"{out} exists and is not empty; pass --overwrite to replace it")
+
+
+def export_peft(source: str | Path, out: Path, options: ExportOptions) -> Path:
+    """The adapter + projector of a stage, loadable with PEFT on the HF LLaVA base."""
+    from transformers import AutoProcessor
+
+    from qlora_med.artifacts.card import write_card
+    from qlora_med.prompts.chat_template import set_chat_template
+
+    src = resolve_trained(source)
+    if (src / "config.json").is_file() or not (src / ADAPTER_FILE).is_file():
+        raise QloraMedError(f"{src}: --format peft needs a stage output with a LoRA adapter (a run, final/ or checkpoint-N/)")
+    info = stage_info(src)
+    with atomic_dir(out) as tmp:
+        for name in (ADAPTER_FILE, PROJECTOR_FILE):
+            shutil.copy(src / name, tmp / name)
+        adapter_cfg = json.loads((src / "adapter_config.json").read_text())
+        adapter_cfg["base_model_name_or_path"] = options.base_model_id or info["base_model"]
+        (tmp / "adapter_config.json").write_text(json.dumps(adapter_cfg, indent=2) + "\n")
+        processor = AutoProcessor.from_pretrained(src if (src / "tokenizer_config.json").is_file() else info["base_model"])
+        image_token = getattr(processor, "image_token", "<image>")
+        set_chat_template(processor, info["template"], image_token)
+        processor.save_pretrained(tmp)
+        meta = {"template": info["template"], "image_aspect": info.get("image_aspect", "pad"), "image_token": image_token,
+                "source": str(src.resolve()), "base_model": adapter_cfg["base_model_name_or_path"], "format": "peft",
+                "stages": [s.get("stage") for s in stage_chain(src)]}
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=1) + "\n")
+        write_card(tmp, src, kind="peft", repo=out.name)
+    return out
+
+
+def llava_med_config(hf_config: dict, image_aspect: str, vision_tower: str) -> dict:
+    """config.json of an original LLaVA-Med v1.5 checkpoint (``llava_mistral``) for an HF LLaVA config."""
+    text, vision = dict(hf_config["text_config"]), hf_config["vision_config"]
+    if text.get("model_type") not in _LLAVA_ARCH:
+        raise QloraMedError(f"llava-med export supports Mistral/Llama LLMs, not {text.get('model_type')}")
+    if hf_config.get("projector_hidden_act", "gelu") != "gelu":
+        raise QloraMedError("llava-med export needs the mlp2x_gelu projector (projector_hidden_act: gelu)")
+    model_type, arch = _LLAVA_ARCH[text.pop("model_type")]
+    rope = text.get("rope_parameters") or {}
+    if "rope_theta" in rope:
+        text.setdefault("rope_theta", rope["rope_theta"])  # transformers 4 (LLaVA-Med's) reads rope_theta
+    for key in ("architectures", "dtype", "torch_dtype", "transformers_version"):
+        text.pop(key, None)
+    return {
+        **text,
+        "architectures": [arch], "model_type": model_type,
+        "torch_dtype": hf_config.get("dtype") or hf_config.get("torch_dtype") or "float32",
+        "mm_vision_tower": vision_tower, "mm_hidden_size": vision["hidden_size"],
+        "mm_projector_type": "mlp2x_gelu", "mm_vision_select_layer": hf_config.get("vision_feature_layer", -2),
+        "mm_vision_select_feature": "patch" if hf_config.get("vision_feature_select_strategy") == "default" else "cls_patch",
+        "mm_patch_merge_type": "flat", "mm_use_im_start_end": False, "mm_use_im_patch_token": False,
+        "image_aspect_ratio": "pad" if image_aspect == "pad" else "square", "use_mm_proj": True,
+        "tune_mm_mlp_adapter": False, "freeze_mm_mlp_adapter": False, "unfreeze_mm_vision_tower": False,
+        "tokenizer_padding_side": "right", "use_cache": True,
+        HF_CONFIG_KEY: hf_config,
+    }
+
+
+def _write_vision_tower(merged: Path, out: Path, hf_config: dict) -> None:
+    """A CLIPVisionModel dir (config, weights ``vision_model.*``, image processor) for ``mm_vision_tower``."""
+    from transformers import AutoProcessor
+
+    config = {**hf_config["vision_config"], "architectures": ["CLIPVisionModel"], "model_type": "clip_vision_model"}
+    out.mkdir()
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    prefix = "model.vision_tower."
+
+    def rename(key: str) -> str:
+        return "vision_model." + canonical_key(key)[len(prefix):]
+
+    writer = ShardWriter(out, parse_size("2GB"))
+    for shard in weight_files(merged):
+        with safe_open(str(shard), framework="pt") as handle:
+            for key in handle.keys():  # noqa: SIM118
+                if canonical_key(key).startswith(prefix):
+                    writer.add(rename(key), handle.get_tensor(key).clone())
+    writer.finish()
+    AutoProcessor.from_pretrained(merged).image_processor.save_pretrained(out)
+
+
+def hf_to_llava_med(merged: Path, out: Path, vision_tower_name: str | None = None,
+                    max_shard_size: str = "2GB") -> Path:
+    """Convert a merged HF LLaVA dir to the original LLaVA-Med layout (streams shard by shard)."""
+    from transformers import AutoProcessor
+
+    hf_config = json.loads((merged / "config.json").read_text())
+    meta = json.loads((merged / META_FILE).read_text()) if (merged / META_FILE).is_file() else {}
+    with atomic_dir(out) as tmp:
+        convert_weights(merged, tmp, to_llava_med_key, max_shard_size)
+        if vision_tower_name is None:
+            _write_vision_tower(merged, tmp / "vision_tower", hf_config)
+            vision_tower_name = str((out / "vision_tower").resolve())
+            logger.info("mm_vision_tower = %s (absolute path; pass --vision-tower-name to name a Hub tower)",
+                        vision_tower_name)
+        config = llava_med_config(hf_config, meta.get("image_aspect", "pad"), vision_tower_name)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        AutoProcessor.from_pretrained(merged).save_pretrained(tmp)  # tokenizer for LLaVA-Med; processor for the way back
+        for name in ("generation_config.json", "README.md"):
+            if (merged / name).is_file():
+                shutil.copy(merged / name, tmp / name)
+    return out
+
+
+def llava_med_to_hf(src: Path, out: Path, max_shard_size: str = "2GB") -> Path:
+    """Convert a LLaVA-Med export back to an HF LLaVA dir (needs the config written by the export)."""
+    from transformers import AutoProcessor
+
+    config = json.loads((src / "config.json").read_text())
+    if HF_CONFIG_KEY not in config:
+        raise QloraMedError(f"{src}/config.json has no '{HF_CONFIG_KEY}': only LLaVA-Med dirs written by "
+                            "`qlora-med export --format llava-med` convert back (use model.vision_tower + model.llm "
+                            "composition for other checkpoints)")
+    with atomic_dir(out) as tmp:
+        convert_weights(src, tmp, from_llava_med_key, max_shard_size)
+        (tmp / "config.json").write_text(json.dumps(config[HF_CONFIG_KEY], indent=2) + "\n")
+        AutoProcessor.from_pretrained(src).save_pretrained(tmp)
+        for name in ("generation_config.json", "README.md"):
+            if (src / name).is_file():
+                shutil.copy(src / name, tmp / name)
+        if (src / META_FILE).is_file():
+            meta = json.loads((src / META_FILE).read_text())
+            meta.pop("format", None)
+            (tmp / META_FILE).write_text(json.dumps(meta, indent=1) + "\n")
+    return out
+
+
+def _merged_source(source: str | Path, out: Path, options: ExportOptions) -> tuple[Path, Path | None]:
+    """A merged HF dir for ``source``: itself, or a temporary merge (returned second, for clean-up)."""
+    src = resolve_trained(source)
+    if (src / "config.json").is_file():
+        return src, None
+    tmp = out.with_name(f".{out.name}.merged")
+    shutil.rmtree(tmp, ignore_errors=True)
+    merge(src, tmp, MergeOptions(dtype=options.dtype, nf4_faithful=options.nf4_faithful,
+                                 max_shard_size=options.max_shard_size))
+    return tmp, tmp
+
+
+def export(source: str | Path, out: str | Path, options: ExportOptions) -> list[Path]:
+    """Export ``source`` (run, stage output, merged dir; a LLaVA-Med export for ``hf``) to ``out``."""
+    from qlora_med.artifacts.card import write_card
+
+    out = Path(out)
+    if options.format not in FORMATS:
+        raise QloraMedError(f"unknown export format {options.format!r}; choose one of {list(FORMATS)}")
+    _check_out(out, options.overwrite)
+    if options.format == "peft":
+        export_peft(source, out, options)
+    elif options.format == "hf":
+        llava_med_to_hf(Path(source), out, options.max_shard_size)
+    else:
+        merged, temporary = _merged_source(source, out, options)
+        try:
+            if options.format == "llava-med":
+                hf_to_llava_med(merged, out, options.vision_tower_name, options.max_shard_size)
+            else:
+                from qlora_med.artifacts.gguf import export_gguf
+
+                export_gguf(merged, out, options.dtype, out.name)
+            meta = json.loads((merged / META_FILE).read_text()) if (merged / META_FILE).is_file() else {}
+            (out / META_FILE).write_text(json.dumps({**meta, "format": options.format}, indent=1) + "\n")
+            if meta.get("source") and Path(meta["source"]).is_dir():
+                write_card(out, Path(meta["source"]), kind=options.format, repo=out.name)
+        finally:
+            if temporary is not None:
+                shutil.rmtree(temporary, ignore_errors=True)
+    files = sorted(p for p in out.rglob("*") if p.is_file())
+    logger.info("exported %s as %s to %s: %d files, %.1f MB", source, options.format, out, len(files),
+                sum(p.stat().st_size for p in files) / 1e6)
+    return files

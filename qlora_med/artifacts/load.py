@@ -1,0 +1,47 @@
+"""Load what training produced (a run, a stage's ``final/``, a checkpoint, or a merged model) for use."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from qlora_med.artifacts.adapter import ADAPTER_FILE, load_projector
+from qlora_med.artifacts.run_dir import resolve_trained, stage_info
+
+logger = logging.getLogger(__name__)
+
+
+def load_trained(path: str | Path, compute_dtype: str = "auto", quantization: str | None = None):
+    """Return ``(model, processor, info)`` ready for generation (eval mode).
+
+    ``info`` holds at least ``template`` and ``image_aspect``. A merged model loads directly;
+    a stage output loads its base (quantized as in training unless ``quantization`` says
+    otherwise), applies the adapter and the trained projector.
+    """
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from qlora_med.config.schema import ModelConfig
+    from qlora_med.model.load import load_model, resolve_compute_dtype
+
+    src = resolve_trained(path)
+    dtype = resolve_compute_dtype(compute_dtype)
+    if (src / "config.json").is_file():
+        meta_file = src / "qlora_med.json"
+        info = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+        info.setdefault("template", "mistral_instruct")
+        info.setdefault("image_aspect", "pad")
+        model = LlavaForConditionalGeneration.from_pretrained(src, dtype=dtype)
+        return model.eval(), AutoProcessor.from_pretrained(src), info
+    info = stage_info(src)
+    cfg = ModelConfig(name_or_path=info["base_model"], quantization=quantization or info["quantization"])
+    model, processor = load_model(cfg, Path(info["base_model"]), dtype)
+    if (src / ADAPTER_FILE).is_file():
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, src)
+    load_projector(model, src)
+    if (src / "tokenizer_config.json").is_file():
+        processor = AutoProcessor.from_pretrained(src)
+    logger.info("loaded trained model from %s (stage %s)", src, info.get("stage"))
+    return model.eval(), processor, info

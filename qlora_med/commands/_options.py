@@ -1,0 +1,40 @@
+"""``qlora-med chat``: multi-turn terminal chat about an image, answers streamed token by token."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+logger = logging.getLogger(__name__)
+
+
+def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
+    """Decoding options shared by ``chat`` and ``serve``."""
+    parser.add_argument("--max-new-tokens", type=int, default=256, help="answer length limit in tokens")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; > 0 samples")
+    parser.add_argument(
+        "--top-p", type=float, default=1.0, help="nucleus sampling (only with --temperature > 0)"
+    )
+    parser.add_argument(
+        "--dtype", default="auto", choices=("auto", "bf16", "fp16", "fp32"), help="compute dtype"
+    )
+logger = logging.getLogger(__name__)
+
+
+def summarise(results: list[dict], output_dir: str) -> None:
+    for info in results:
+        logger.info("%-10s loss %s -> %s  steps %s  (%s s)", info["stage"], _fmt(info["loss_first"]),
+                    _fmt(info["loss_last"]), info["steps"], info["wall_time_s"])
+    logger.info("artefacts: %s/<stage>/final (adapter, projector, processor, stage.json, loss.png)", output_dir)
+
+
+def _fmt(value) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+def human_size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} GB"

@@ -1,0 +1,277 @@
+"""The recipe schema: typed dataclasses, loaded from YAML with ``dotted.key=value`` overrides.
+
+Precedence: dataclass defaults < stage-kind presets (``qlora_med.stages``) < YAML < overrides.
+Every key is documented once, in its field's ``metadata["help"]``; values are checked in
+``__post_init__`` and cross-field rules in :func:`validate_recipe`, before any model loads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from qlora_med.config.stages import STAGE_PRESETS, TEMPLATES, TrainSpec
+from qlora_med.errors import ConfigError
+
+
+def _f(default: Any = dataclasses.MISSING, help: str = "", **kw: Any) -> Any:  # noqa: A002
+    """A dataclass field with documentation."""
+    if isinstance(default, (list, dict)):
+        value = default
+        return field(default_factory=lambda: type(value)(value), metadata={"help": help}, **kw)
+    if dataclasses.is_dataclass(default):
+        value = default
+        return field(default_factory=lambda: dataclasses.replace(value), metadata={"help": help}, **kw)
+    return field(default=default, metadata={"help": help}, **kw)
+
+
+@dataclass
+class TinyModelConfig:
+    """Builds a tiny LLaVA from config (CLIP + Mistral, real Mistral-v0.2 tokenizer): demo and tests."""
+
+    image_size: int = _f(56, "vision input size in pixels")
+    patch_size: int = _f(14, "ViT patch size")
+    vision_hidden: int = _f(32, "CLIP hidden size")
+    vision_layers: int = _f(2, "CLIP encoder layers")
+    vision_heads: int = _f(2, "CLIP attention heads")
+    text_hidden: int = _f(64, "Mistral hidden size")
+    text_intermediate: int = _f(128, "Mistral MLP size")
+    text_layers: int = _f(2, "Mistral decoder layers")
+    text_heads: int = _f(4, "Mistral attention heads")
+    text_kv_heads: int = _f(2, "Mistral key/value heads")
+    lm_head_std: float = _f(0.2, "init std of the (frozen) lm_head; large enough for LoRA to move logits")
+    seed: int = _f(0, "initialisation seed")
+
+
+@dataclass
+class ModelConfig:
+    """Where the LLaVA comes from and how it is quantized."""
+
+    name_or_path: str | None = _f(
+        None, "HF-format LLaVA checkpoint dir (LlavaForConditionalGeneration + processor)"
+    )
+    vision_tower: str | None = _f(None, "compose mode: CLIP vision model dir")
+    llm: str | None = _f(None, "compose mode: LLM dir (Mistral or Llama family)")
+    projector_type: Literal["linear", "mlp2x_gelu"] = _f("mlp2x_gelu", "compose mode: fresh projector type")
+    vision_feature_layer: int = _f(-2, "compose mode: CLIP layer whose features feed the projector")
+    image_token: str = _f("<image>", "placeholder token for the image in prompts")
+    image_aspect: Literal["pad", "crop"] = _f(
+        "pad", "pad to square with the processor mean colour (LLaVA-Med v1.5) or centre-crop"
+    )
+    tiny: TinyModelConfig | None = _f(None, "build a tiny model from config into name_or_path (demo/tests)")
+    quantization: Literal["nf4", "int8", "none"] = _f("nf4", "LLM linear layers: NF4 (QLoRA), int8, or none")
+    double_quant: bool = _f(True, "NF4 double quantization of the absmax constants")
+    compute_dtype: Literal["auto", "bf16", "fp16", "fp32"] = _f(
+        "auto", "auto: bf16 on GPUs that support it, fp32 on CPUs without native bf16"
+    )
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = _f(
+        "auto", "auto: flash_attention_2 when flash-attn is installed on CUDA, else sdpa"
+    )
+    cache_dir: str = _f(".cache/qlora-med", "where composed and tiny models are built once")
+
+    def __post_init__(self) -> None:
+        sources = [self.name_or_path is not None, self.vision_tower is not None or self.llm is not None]
+        if not any(sources):
+            raise ConfigError("model: set model.name_or_path, or model.vision_tower + model.llm to compose")
+        if sources[1] and (self.vision_tower is None or self.llm is None):
+            raise ConfigError("model: compose mode needs both model.vision_tower and model.llm")
+        if all(sources):
+            raise ConfigError("model: set either model.name_or_path or model.vision_tower + model.llm, not both")
+        if self.tiny is not None and self.name_or_path is None:
+            raise ConfigError("model.tiny: needs model.name_or_path (the directory to build the tiny model in)")
+
+
+@dataclass
+class LoraConfig:
+    """LoRA adapters on the LLM's linear layers (never on the vision tower or projector)."""
+
+    r: int = _f(16, "adapter rank")
+    alpha: int = _f(32, "scaling numerator (scale = alpha / r)")
+    dropout: float = _f(0.05, "dropout on the adapter input")
+    target_modules: list[str] = _f(
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        "LLM linear layer names to adapt (default: all of them)",
+    )
+
+    def __post_init__(self) -> None:
+        if self.r <= 0 or self.alpha <= 0:
+            raise ConfigError(f"lora: r and alpha must be positive, got r={self.r} alpha={self.alpha}")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"lora.dropout must be in [0, 1), got {self.dropout}")
+        if not self.target_modules:
+            raise ConfigError("lora.target_modules is empty: list the LLM linear layers to adapt")
+
+
+@dataclass
+class KernelsConfig:
+    """Fused kernels and the loss path; each choice is resolved for the device and logged at start-up."""
+
+    liger: Literal["auto", "on", "off"] = _f(
+        "auto", "Liger RMSNorm/RoPE/SwiGLU in the LLM. auto: on where Triton compiles (CUDA), off on CPU"
+    )
+    nf4_lora: Literal["auto", "on", "off"] = _f(
+        "auto",
+        "fused NF4 dequant + matmul + LoRA forward/backward for the LLM's LoRA layers. auto/on: Triton on "
+        "CUDA, the same autograd function with a PyTorch matmul on CPU (as fast as PEFT there, less memory); "
+        "on: also requires model.quantization nf4",
+    )
+    loss: Literal["auto", "chunked", "trl", "full"] = _f(
+        "auto",
+        "chunked: our chunked linear cross-entropy over labelled tokens only (no entropy/accuracy metrics); "
+        "trl: SFTTrainer's fused LM head (with metrics); full: plain logits. auto: chunked on CPU, trl on CUDA",
+    )
+    chunk_size: int | None = _f(None, "rows per chunk of the chunked loss; default: ~64 MiB of fp32 logits")
+
+    def __post_init__(self) -> None:
+        if self.chunk_size is not None and self.chunk_size <= 0:
+            raise ConfigError(f"kernels.chunk_size must be positive or null, got {self.chunk_size}")
+
+
+@dataclass
+class DataConfig:
+    """One training data source in a LLaVA-Med format; a stage may mix several (see ``weight``)."""
+
+    path: str = _f(help="JSON list or JSONL of LLaVA-Med records")
+    image_folder: str = _f(help="folder the records' `image` paths are relative to")
+    name: str | None = _f(
+        None, "label in logs; in a list of sources, the override address (stages.S.data.NAME.weight=2)"
+    )
+    weight: float = _f(
+        1.0,
+        "samples drawn from this source per epoch = round(weight x its usable samples): 2 uses every "
+        "sample twice, 0.5 a random half fixed by the recipe seed (qlora_med.data.build.draw_indices)",
+    )
+    on_bad_record: Literal["error", "skip"] = _f(
+        "error", "error: stop at the first unusable record; skip: count, log and drop it"
+    )
+    verify_images: bool = _f(False, "open every image before training (slow on 500K records)")
+    max_records: int | None = _f(None, "use only the first N records (smoke runs)")
+
+
+@dataclass
+class StageConfig:
+    """One curriculum stage. Unset fields come from the stage kind's preset in ``qlora_med.stages``."""
+
+    name: str = _f(help="stage name: output subfolder and override address (stages.NAME.key=value)")
+    kind: Literal["align", "instruct", "vqa"] = _f(help="align (stage 1), instruct (stage 2) or vqa fine-tune")
+    data: DataConfig | list[DataConfig] = _f(
+        help="training data: one source, or a list of sources mixed by their `weight` (a list once loaded)"
+    )
+    template: str | None = _f(None, f"prompt template: one of {sorted(TEMPLATES)}")
+    train: TrainSpec | None = _f(None, "what the stage trains: projector full|frozen, llm lora|frozen")
+    init_from: str | None = _f(
+        None, "a stage 'final/' dir to start from (projector, adapters); default: the previous stage here"
+    )
+    learning_rate: float | None = _f(None, "LoRA adapter learning rate")
+    projector_lr: float | None = _f(None, "projector learning rate (its own optimizer param group)")
+    num_epochs: float = _f(1.0, "epochs over the data")
+    max_steps: int = _f(-1, "optimizer steps; -1 means use num_epochs")
+    per_device_batch_size: int | Literal["auto"] = _f(
+        4, "micro-batch per device; auto: the memory planner picks it to fit the device (keeps global_batch_size)"
+    )
+    gradient_accumulation_steps: int | Literal["auto"] = _f(
+        1, "micro-batches per optimizer step; auto: global_batch_size / (micro-batch x devices)"
+    )
+    global_batch_size: int = _f(128, "samples per optimizer step when batch or accumulation is auto")
+    max_length: int = _f(2048, "token limit incl. image tokens; longer samples are truncated")
+    warmup_ratio: float = _f(0.03, "linear warm-up share of the steps")
+    lr_scheduler: str = _f("cosine", "transformers scheduler name")
+    weight_decay: float = _f(0.0, "AdamW weight decay")
+    optim: str = _f("adamw_torch", "transformers optimizer name, e.g. adamw_torch, paged_adamw_8bit")
+    max_grad_norm: float = _f(1.0, "gradient clipping norm")
+    gradient_checkpointing: bool = _f(True, "recompute activations in backward to save memory")
+    save_steps: int = _f(500, "checkpoint every N optimizer steps")
+    save_total_limit: int = _f(2, "complete checkpoints kept per stage")
+    logging_steps: int = _f(10, "log loss every N steps")
+    dataloader_workers: int = _f(0, "DataLoader worker processes (image decoding)")
+    padding_free: bool = _f(
+        False,
+        "pack each micro-batch into one row (position_ids restart per sample, attention kept within each "
+        "sample): no compute on padding. Same loss as padded batches (qlora_med.data.packing)",
+    )
+
+    def __post_init__(self) -> None:
+        self.data = [self.data] if isinstance(self.data, DataConfig) else list(self.data)
+        if not self.data:
+            raise ConfigError(f"stages.{self.name}.data: no data sources; give a mapping or a list of them")
+        for where, source in zip(data_addresses(self), self.data, strict=True):
+            if not (math.isfinite(source.weight) and source.weight > 0):
+                raise ConfigError(f"{where}.weight must be a positive number, got {source.weight}")
+            if source.max_records is not None and source.max_records <= 0:
+                raise ConfigError(f"{where}.max_records must be positive or null, got {source.max_records}")
+        names = [s.name for s in self.data if s.name is not None]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ConfigError(f"stages.{self.name}.data: duplicate source names {dupes}; names must be unique")
+        preset = STAGE_PRESETS[self.kind]
+        self.template = self.template or preset.template
+        self.train = self.train or dataclasses.replace(preset.train)
+        self.learning_rate = self.learning_rate if self.learning_rate is not None else preset.learning_rate
+        self.projector_lr = self.projector_lr if self.projector_lr is not None else preset.projector_lr
+        if self.template not in TEMPLATES:
+            near = difflib.get_close_matches(self.template, TEMPLATES, n=1)
+            hint = f" (did you mean '{near[0]}'?)" if near else ""
+            raise ConfigError(
+                f"stages.{self.name}.template: unknown template '{self.template}'{hint}; "
+                f"choose one of {sorted(TEMPLATES)}"
+            )
+        autos = [k for k in ("per_device_batch_size", "gradient_accumulation_steps") if getattr(self, k) == "auto"]
+        if len(autos) == 1:
+            raise ConfigError(
+                f"stages.{self.name}: set both per_device_batch_size and gradient_accumulation_steps to auto "
+                "(the planner picks them together to keep global_batch_size), or neither"
+            )
+        for key in ("per_device_batch_size", "gradient_accumulation_steps", "max_length", "save_steps",
+                    "global_batch_size"):
+            if getattr(self, key) == "auto":
+                continue
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"stages.{self.name}.{key} must be positive, got {getattr(self, key)}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ConfigError(f"stages.{self.name}.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.max_steps == 0 or self.max_steps < -1:
+            raise ConfigError(f"stages.{self.name}.max_steps must be -1 (use num_epochs) or positive")
+
+
+def data_addresses(stage: StageConfig) -> list[str]:
+    """Where each data source of a stage is written in a recipe (for error messages)."""
+    if len(stage.data) == 1:
+        return [f"stages.{stage.name}.data"]
+    return [f"stages.{stage.name}.data.{s.name}" if s.name else f"stages.{stage.name}.data[{i}]"
+            for i, s in enumerate(stage.data)]
+
+
+@dataclass
+class RecipeConfig:
+    """A whole run: the model, the adapters and the curriculum stages, in order."""
+
+    output_dir: str = _f(help="run directory: one subfolder per stage")
+    model: ModelConfig = _f(help="base model")
+    stages: list[StageConfig] = _f(help="curriculum stages, run in order")
+    lora: LoraConfig = _f(LoraConfig(), "LoRA adapter settings")
+    seed: int = _f(42, "seed for adapter init, data order and dropout")
+    report_to: str = _f("none", "transformers report_to (none, tensorboard, wandb)")
+    kernels: KernelsConfig = _f(KernelsConfig(), "fused kernels and loss path (qlora_med.kernel_select)")
+
+    def __post_init__(self) -> None:
+        names = [s.name for s in self.stages]
+        if not names:
+            raise ConfigError("stages: the recipe has no stages")
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ConfigError(f"stages: duplicate stage names {dupes}; names must be unique")
+        if self.kernels.nf4_lora == "on" and self.model.quantization != "nf4":
+            raise ConfigError(
+                f"kernels.nf4_lora: 'on' needs model.quantization: nf4 (it is '{self.model.quantization}'); "
+                "use 'auto' or 'off'"
+            )
+
+    def stage(self, name: str) -> StageConfig:
+        """The stage called ``name``, or a ConfigError naming the valid ones."""
+        for stage in self.stages:
+            if stage.name == name:
+                return stage
+        raise ConfigError(f"no stage '{name}' in the recipe; stages are {[s.name for s in self.stages]}")

@@ -1,0 +1,84 @@
+"""Turn records into a tokenized ``datasets.Dataset`` and batches (images decoded lazily, per batch)."""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from qlora_med.data.images import load_image, mean_colour, to_square
+from qlora_med.errors import DataError
+from qlora_med.prompts.templates import IGNORE_INDEX
+
+logger = logging.getLogger(__name__)
+
+
+def pad_right(
+    ids: list[list[int]], labels: list[list[int]], pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-pad token ids (with ``pad_id``) and labels (with the ignore index); returns ids, labels, mask."""
+    width = max(len(row) for row in ids)
+    input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)
+    padded_labels = torch.full((len(ids), width), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(ids), width), dtype=torch.long)
+    for row, (row_ids, row_labels) in enumerate(zip(ids, labels, strict=True)):
+        input_ids[row, : len(row_ids)] = torch.tensor(row_ids)
+        padded_labels[row, : len(row_ids)] = torch.tensor(row_labels)
+        attention_mask[row, : len(row_ids)] = 1
+    return input_ids, padded_labels, attention_mask
+
+
+class VisionCollator:
+    """Loads and preprocesses the batch's images and pads token ids / labels.
+
+    With ``on_bad_record="skip"`` an unreadable image drops that sample from the batch (counted
+    in ``self.skipped``, shared with DataLoader worker processes); otherwise it raises a DataError
+    naming the file and record.
+    """
+
+    def __init__(self, processor, image_aspect: str, on_bad_record: str = "error") -> None:
+        self.processor = processor
+        self.image_aspect = image_aspect
+        self.on_bad_record = on_bad_record
+        self.background = mean_colour(processor.image_processor)
+        self.pad_id = processor.tokenizer.pad_token_id
+        self._skipped = multiprocessing.Value("q", 0)  # workers count into shared memory
+
+    @property
+    def skipped(self) -> int:
+        """Samples dropped for unreadable images, in this process and its DataLoader workers."""
+        return self._skipped.value
+
+    def pixel_values(self, paths: list[str], ids: list[str]) -> tuple[torch.Tensor, list[int]]:
+        images, kept = [], []
+        for i, (path, rid) in enumerate(zip(paths, ids, strict=True)):
+            try:
+                img = load_image(path, self.background, rid)
+            except DataError:
+                if self.on_bad_record == "error":
+                    raise
+                with self._skipped.get_lock():
+                    self._skipped.value += 1
+                logger.warning("skipping record %s: unreadable image %s", rid, Path(path).name)
+                continue
+            images.append(to_square(img, self.image_aspect, self.background))
+            kept.append(i)
+        if not images:
+            raise DataError(f"every image in a batch was unreadable: {ids}")
+        return self.processor.image_processor(images, return_tensors="pt")["pixel_values"], kept
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        pixel_values, kept = self.pixel_values([f["image"] for f in features], [f["id"] for f in features])
+        features = [features[i] for i in kept]
+        input_ids, labels, attention_mask = pad_right(
+            [f["input_ids"] for f in features], [f["labels"] for f in features], self.pad_id
+        )
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "labels": labels,
+            "pixel_values": pixel_values,
+        }

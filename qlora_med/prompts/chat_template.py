@@ -1,0 +1,89 @@
+"""Jinja chat templates that reproduce :func:`qlora_med.templates.render` for exported models.
+
+``processor.apply_chat_template(messages, tokenize=False)`` on a merged or exported model gives the
+same text as ``render(template, turns, image_token, bos_token, eos_token).text`` for conversations
+with an image in the first user message (the only kind the curriculum trains on): the image
+placeholder moves to the front of the first question, ``<image>\\n{question}``. A first message
+without an image part and without ``<image>`` in its text gets no placeholder (``render`` always adds
+one). System messages are ignored: every template has a fixed system prompt, as in training.
+The assistant prefix is part of each user turn, so ``add_generation_prompt`` changes nothing.
+The text starts with the BOS token: tokenize it with ``add_special_tokens=False`` (what
+``apply_chat_template(tokenize=True)`` does).
+"""
+
+from __future__ import annotations
+
+from qlora_med.prompts.templates import LLAVA_MED_V1_SYSTEM, TEMPLATES, VICUNA_SYSTEM
+
+# Shared prologue: text of a message (string or list of parts) and the first-question rule.
+_PROLOGUE = """\
+{%- macro text(m) -%}
+{%- if m['content'] is string -%}{{ m['content'] }}
+{%- else -%}{%- for p in m['content'] -%}{%- if p['type'] == 'text' -%}{{ p['text'] }}{%- endif -%}{%- endfor -%}
+{%- endif -%}
+{%- endmacro -%}
+{%- macro has_image(m) -%}
+{%- if m['content'] is not string -%}{%- for p in m['content'] -%}{%- if p['type'] == 'image' -%}1{%- endif -%}
+{%- endfor -%}{%- endif -%}
+{%- endmacro -%}
+{%- macro question(m, first) -%}
+{%- set q = text(m) -%}
+{%- if first and (has_image(m) or IMG in q) -%}{{ IMG + '\\n' + (q | replace(IMG, '') | trim) }}
+{%- else -%}{{ q }}{%- endif -%}
+{%- endmacro -%}
+{%- set ns = namespace(first=true) -%}
+"""
+
+_BODIES = {
+    "mistral_instruct": """\
+{%- for m in messages -%}
+{%- if m['role'] == 'user' -%}{{ bos_token + '[INST] ' + question(m, ns.first) + ' [/INST]' }}{%- set ns.first = false -%}
+{%- elif m['role'] == 'assistant' -%}{{ ' ' + (text(m) | trim) + eos_token }}
+{%- endif -%}
+{%- endfor -%}""",
+    "vicuna_v1": """\
+{{- bos_token + SYSTEM -}}
+{%- for m in messages -%}
+{%- if m['role'] == 'user' -%}{{ ' USER: ' + question(m, ns.first) + ' ASSISTANT:' }}{%- set ns.first = false -%}
+{%- elif m['role'] == 'assistant' -%}{{ ' ' + (text(m) | trim) + eos_token }}
+{%- endif -%}
+{%- endfor -%}""",
+    "llava_med_v1": """\
+{{- bos_token + SYSTEM + '\\n' -}}
+{%- for m in messages -%}
+{%- if m['role'] == 'user' -%}{{ '### Human: ' + question(m, ns.first) + '\\n### Assistant:' }}{%- set ns.first = false -%}
+{%- elif m['role'] == 'assistant' -%}{{ ' ' + (text(m) | trim) + '\\n' }}{%- if loop.last -%}{{ eos_token }}{%- endif -%}
+{%- endif -%}
+{%- endfor -%}""",
+    "plain": """\
+{{- bos_token + IMG -}}
+{%- for m in messages -%}
+{%- if m['role'] == 'assistant' -%}{{ (text(m) | trim) + '\\n' }}{%- endif -%}
+{%- endfor -%}""",
+}
+
+_SYSTEMS = {"vicuna_v1": VICUNA_SYSTEM, "llava_med_v1": LLAVA_MED_V1_SYSTEM}
+
+
+def _literal(value: str) -> str:
+    """A Jinja string literal."""
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n") + "'"
+
+
+def chat_template(template: str, image_token: str = "<image>") -> str:
+    """The Jinja chat template for one of :data:`qlora_med.templates.TEMPLATES`."""
+    if template not in TEMPLATES or template not in _BODIES:
+        raise ValueError(f"unknown template {template!r}; choose one of {sorted(TEMPLATES)}")
+    header = "{%- set IMG = " + _literal(image_token) + " -%}\n"
+    if template in _SYSTEMS:
+        header += "{%- set SYSTEM = " + _literal(_SYSTEMS[template]) + " -%}\n"
+    return header + _PROLOGUE + _BODIES[template]
+
+
+def set_chat_template(processor, template: str, image_token: str) -> None:
+    """Attach the template to a processor and its tokenizer (both are saved by ``save_pretrained``)."""
+    jinja = chat_template(template, image_token)
+    processor.chat_template = jinja
+    tokenizer = getattr(processor, "tokenizer", None)
+    if tokenizer is not None:
+        tokenizer.chat_template = jinja

@@ -1,0 +1,126 @@
+"""Run curriculum stages: build model and data, hand them to the trainer, save ``final/``.
+
+A stage whose ``final/`` exists is skipped; an unfinished stage resumes from its last complete
+checkpoint. Each stage starts from the previous stage's ``final/`` (projector, and adapters).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from qlora_med.artifacts.adapter import save_trainable
+from qlora_med.artifacts.run_dir import previous_final, stage_dir
+from qlora_med.config.files import validate_paths
+from qlora_med.config.loader import save_resolved
+from qlora_med.config.schema import RecipeConfig, StageConfig
+from qlora_med.data.build import build_stage_dataset
+from qlora_med.data.collate import VisionCollator
+from qlora_med.data.packing import PaddingFreeCollator
+from qlora_med.io import atomic_dir, atomic_write_text
+from qlora_med.model.build import base_model_dir
+from qlora_med.model.load import load_model, num_image_tokens, resolve_compute_dtype
+from qlora_med.patches.select import apply_kernels
+from qlora_med.train.autobatch import resolve_batch
+from qlora_med.train.distributed import is_main_process, launched_ranks, main_process_first
+from qlora_med.train.oom import BatchPlan, train_with_oom_fallback
+from qlora_med.train.report import _hardware, _versions, plot_loss
+from qlora_med.train.trainable import setup_trainable
+
+logger = logging.getLogger(__name__)
+
+
+def train_stage(recipe: RecipeConfig, stage: StageConfig) -> dict:
+    """Train one stage (resuming if a checkpoint exists) and write its ``final/``; returns stage.json."""
+    from transformers import set_seed
+
+    from qlora_med.train.trainer import StageTrainer, sft_config
+
+    out = stage_dir(recipe, stage)
+    final = out / "final"
+    previous = previous_final(recipe, stage)
+    if is_main_process():
+        out.mkdir(parents=True, exist_ok=True)
+        save_resolved(recipe, out / "resolved_config.yaml")
+    start = time.time()
+
+    set_seed(recipe.seed)  # adapter init and dropout are reproducible across runs
+    compute_dtype = resolve_compute_dtype(recipe.model.compute_dtype)
+    with main_process_first():  # rank 0 builds tiny/composed models once; the others reuse them
+        base_dir = base_model_dir(recipe.model)
+    model, processor = load_model(recipe.model, base_dir, compute_dtype)
+    model = setup_trainable(model, stage.train, recipe.lora, previous, stage.gradient_checkpointing)
+    kernels = apply_kernels(model, recipe.kernels, stage.padding_free)  # logs which path runs
+
+    dataset, stats = build_stage_dataset(
+        stage, processor, num_image_tokens(model.config), recipe.model.image_token, recipe.seed,
+        Path(recipe.model.cache_dir) / "data",
+    )
+    logger.info("stage %s: %d samples (template %s): %s", stage.name, len(dataset), stage.template, stats.summary())
+
+    def make_trainer(plan: BatchPlan) -> StageTrainer:
+        args = sft_config(stage, out, recipe.seed, compute_dtype, recipe.report_to)
+        args.per_device_train_batch_size = plan.micro_batch
+        args.gradient_accumulation_steps = plan.accumulation
+        collator = VisionCollator(processor, recipe.model.image_aspect, stats.on_bad_image)
+        return StageTrainer(
+            model=model,
+            args=args,
+            train_dataset=dataset,
+            data_collator=PaddingFreeCollator(collator) if stage.padding_free else collator,
+            processing_class=processor,
+            projector_lr=stage.projector_lr,
+            save_total_limit=stage.save_total_limit,
+            loss_mode=kernels.loss,
+        )
+
+    plan = BatchPlan(*resolve_batch(recipe, stage, launched_ranks()[1]))
+    trainer, plan = train_with_oom_fallback(make_trainer, plan, out)
+
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    info = {
+        "stage": stage.name, "kind": stage.kind, "base_model": str(base_dir),
+        "previous_stage": str(previous) if previous else None, "template": stage.template,
+        "quantization": recipe.model.quantization, "compute_dtype": str(compute_dtype).replace("torch.", ""),
+        "image_aspect": recipe.model.image_aspect, "train": asdict(stage.train),
+        "lora": asdict(recipe.lora) if hasattr(model, "peft_config") else None,
+        "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
+        "steps": trainer.state.global_step, "samples": len(dataset), "truncated": stats.truncated,
+        "skipped_images": trainer.data_collator.skipped, "micro_batch": plan.micro_batch,
+        "gradient_accumulation_steps": plan.accumulation, "oom_halvings": plan.halvings,
+        "world_size": trainer.accelerator.num_processes, "wall_time_s": round(time.time() - start, 1),
+        "hardware": _hardware(), "versions": _versions(), "kernels": kernels.summary(),
+    }
+    if trainer.accelerator.is_main_process:
+        with atomic_dir(final) as tmp:
+            save_trainable(trainer.accelerator.unwrap_model(trainer.model), tmp)
+            processor.save_pretrained(tmp)
+            save_resolved(recipe, tmp / "resolved_config.yaml")
+            atomic_write_text(tmp / "log_history.json", json.dumps(trainer.state.log_history, indent=1))
+            atomic_write_text(tmp / "stage.json", json.dumps(info, indent=1))
+            plot_loss(trainer.state.log_history, tmp / "loss.png", f"{stage.name} ({stage.kind})")
+    trainer.accelerator.wait_for_everyone()  # the next stage starts from final/ on every rank
+    logger.info("stage %s done: loss %.4f -> %.4f over %d steps; artefacts in %s",
+                stage.name, info["loss_first"] or float("nan"), info["loss_last"] or float("nan"),
+                info["steps"], final)
+    return info
+
+
+def run_recipe(recipe: RecipeConfig, only: str | None = None) -> list[dict]:
+    """Run every stage in order (or only ``only``), skipping finished ones."""
+    validate_paths(recipe)
+    if is_main_process():
+        Path(recipe.output_dir).mkdir(parents=True, exist_ok=True)
+        save_resolved(recipe, Path(recipe.output_dir) / "resolved_config.yaml")
+    results = []
+    for stage in [recipe.stage(only)] if only else recipe.stages:
+        final = stage_dir(recipe, stage) / "final"
+        if final.is_dir():
+            logger.info("stage %s already finished (%s): skipping", stage.name, final)
+            results.append(json.loads((final / "stage.json").read_text()))
+            continue
+        results.append(train_stage(recipe, stage))
+    return results

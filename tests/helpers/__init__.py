@@ -1,0 +1,1 @@
+"""Test-only helpers: a shared trained run, the Hub stand-in, Triton-interpreter children, old loaders."""
