@@ -40,10 +40,17 @@ def build(work: Path) -> Path:
     from safetensors.torch import save_file
     from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration, MistralConfig
 
+    from qlora_med.artifacts.run_dir import (
+        ADAPTER_CONFIG_FILE,
+        ADAPTER_FILE,
+        FINAL,
+        PROJECTOR_FILE,
+        STAGE_JSON,
+    )
     from qlora_med.model.build import add_llava_tokens, make_processor, mistral_tokenizer
 
-    base, final = work / "base", work / "run" / "instruct" / "final"
-    if (final / "stage.json").is_file():
+    base, final = work / "base", work / "run" / "instruct" / FINAL
+    if (final / STAGE_JSON).is_file():
         return final
     tokenizer = mistral_tokenizer(base)
     add_llava_tokens(tokenizer, "<image>")
@@ -67,11 +74,11 @@ def build(work: Path) -> Path:
             prefix = f"base_model.model.{name}"
             adapter[f"{prefix}.lora_A.weight"] = torch.randn(RANK, module.in_features) * 0.01
             adapter[f"{prefix}.lora_B.weight"] = torch.randn(module.out_features, RANK) * 0.01
-    save_file(adapter, final / "adapter_model.safetensors")
-    (final / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": RANK, "lora_alpha": 2 * RANK}))
+    save_file(adapter, final / ADAPTER_FILE)
+    (final / ADAPTER_CONFIG_FILE).write_text(json.dumps({"peft_type": "LORA", "r": RANK, "lora_alpha": 2 * RANK}))
     save_file({k: v.contiguous() for k, v in model.model.multi_modal_projector.state_dict().items()},
-              final / "projector.safetensors")
-    (final / "stage.json").write_text(json.dumps({
+              final / PROJECTOR_FILE)
+    (final / STAGE_JSON).write_text(json.dumps({
         "stage": "instruct", "kind": "instruct", "base_model": str(base.resolve()), "previous_stage": None,
         "template": "mistral_instruct", "quantization": "nf4", "compute_dtype": "float32", "image_aspect": "pad",
         "train": {"projector": "full", "llm": "lora"}, "lora": {"r": RANK, "alpha": 2 * RANK}, "steps": 0}))

@@ -14,7 +14,8 @@ so the forward keeps ∂L/∂h for the labelled rows (same size as h) and, only 
 fp32 for the softmax, as transformers' ``ForCausalLMLoss`` does.
 
 Backends: ``torch`` (the chunked function below; any device), ``liger`` (Liger-Kernel's Triton
-``LigerFusedLinearCrossEntropyFunction``, for CUDA), ``auto`` = liger on CUDA tensors, else torch.
+``LigerFusedLinearCrossEntropyFunction``, for CUDA); the caller names it
+(:func:`qlora_med.patches.select.resolve_loss_backend` picks it for a model).
 Normaliser: ``num_items_in_batch`` if given (sum / n, as transformers does for gradient accumulation),
 else the number of labelled tokens for ``reduction="mean"``, else 1 (``"sum"``). A batch with no
 labelled token gives a loss of 0 (with zero gradients) for every reduction, where torch's mean gives nan.
@@ -22,27 +23,18 @@ labelled token gives a loss of 0 (with zero gradients) for every reduction, wher
 
 from __future__ import annotations
 
-import logging
-
 import torch
 
-logger = logging.getLogger(__name__)
-
-BACKENDS = ("auto", "torch", "liger")
-_CHUNK_BYTES = 256 * 2**20  # fp32 logits per chunk when chunk_size is not given
-
-
-def _resolve_backend(backend: str, device: torch.device) -> str:
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        return "liger" if device.type == "cuda" else "torch"
-    return backend
+BACKENDS = ("torch", "liger")
+# fp32 logits per chunk when chunk_size is not given: the one default, also used by qlora_med.patches.select
+# (why 64 MiB, measured: the table in that module's docstring).
+CHUNK_BYTES = 64 * 2**20
+MIN_CHUNK_ROWS = 64
 
 
 def default_chunk_size(vocab_size: int) -> int:
-    """Rows per chunk so that one fp32 [rows, vocab] block is about 256 MiB."""
-    return max(1, _CHUNK_BYTES // (4 * max(vocab_size, 1)))
+    """Rows per chunk so that one fp32 [rows, vocab] block is about :data:`CHUNK_BYTES` (at least 64 rows)."""
+    return max(MIN_CHUNK_ROWS, CHUNK_BYTES // (4 * max(vocab_size, 1)))
 
 
 class ChunkedLinearCEFunction(torch.autograd.Function):
@@ -109,14 +101,17 @@ def linear_cross_entropy(
     reduction: str = "mean",
     num_items_in_batch: int | torch.Tensor | None = None,
     chunk_size: int | None = None,
-    backend: str = "auto",
+    backend: str = "torch",
 ) -> torch.Tensor:
     """CE of ``hidden @ weight.T (+ bias)`` against ``labels`` (already aligned; no shift), fp32 scalar.
 
     ``hidden`` [..., H], ``labels`` [...] with ``ignore_index`` for unlabelled positions, ``weight`` [V, H].
+    ``chunk_size`` (torch backend): rows per chunk, default :func:`default_chunk_size`.
     """
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     h2 = hidden.reshape(-1, hidden.shape[-1])
     flat = labels.reshape(-1).to(h2.device)
     if flat.shape[0] != h2.shape[0]:
@@ -132,7 +127,6 @@ def linear_cross_entropy(
     else:
         normaliser = float(index.numel()) if reduction == "mean" else 1.0
     targets = flat.index_select(0, index)
-    backend = _resolve_backend(backend, h2.device)
     if backend == "liger":
         from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
 

@@ -25,13 +25,13 @@ in the same kernel's epilogue, so the M×N output is written once (PEFT's path w
 base, clone, B-projection, scaling, add, casts). The small rank-r products run in cuBLAS. A stand-alone
 Triton dequant kernel (:func:`nf4_dequantize`) shares the same tile code; it is tested against
 ``bitsandbytes.functional.dequantize_4bit`` and is the fallback if GPU benchmarks show cuBLAS winning at
-large M. Without CUDA (and without ``TRITON_INTERPRET=1``) the same autograd function runs a "torch"
-backend (bitsandbytes dequant + matmul, re-dequantizing in backward), which keeps the memory savings.
+large M. The same autograd function has a "torch" backend (bitsandbytes dequant + matmul, re-dequantizing
+in backward) for devices without Triton, which keeps the memory savings. The caller names the backend;
+:func:`qlora_med.patches.select.resolve_nf4_lora` picks it for a model.
 """
 
 from __future__ import annotations
 
-import logging
 import os
 from dataclasses import dataclass
 
@@ -40,9 +40,7 @@ import triton
 import triton.language as tl
 from bitsandbytes.functional import QuantState, dequantize_4bit
 
-logger = logging.getLogger(__name__)
-
-BACKENDS = ("auto", "triton", "torch")
+BACKENDS = ("triton", "torch")  # which one a model uses is decided in qlora_med.patches.select
 
 
 def interpreter_enabled() -> bool:
@@ -50,15 +48,12 @@ def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """``auto`` -> ``triton`` on CUDA (or under the interpreter), else ``torch``."""
+def check_backend(backend: str, device: torch.device) -> None:
+    """Raise unless ``backend`` is one of :data:`BACKENDS` and can run on ``device``."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        return "triton" if device.type == "cuda" or interpreter_enabled() else "torch"
     if backend == "triton" and device.type != "cuda" and not interpreter_enabled():
         raise RuntimeError("the triton backend needs a CUDA device or TRITON_INTERPRET=1")
-    return backend
 
 
 @dataclass(frozen=True)
@@ -366,14 +361,15 @@ def nf4_lora_linear(
     scaling: float,
     bias: torch.Tensor | None = None,
     x_lora: torch.Tensor | None = None,
-    backend: str = "auto",
+    backend: str = "torch",
 ) -> torch.Tensor:
     """Fused ``x Wᵀ + scaling · (x_lora Aᵀ) Bᵀ + bias`` (``x_lora`` defaults to ``x``), any leading dims.
 
     Computes in ``x``'s dtype (cast x to the layer's compute dtype first); ``lora_a`` [r, K] and
-    ``lora_b`` [N, r] may be fp32 masters: their grads come back in their own dtype.
+    ``lora_b`` [N, r] may be fp32 masters: their grads come back in their own dtype. ``backend``:
+    ``triton`` (CUDA, or the interpreter) or ``torch`` (any device).
     """
-    backend = resolve_backend(backend, x.device)
+    check_backend(backend, x.device)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     xl2 = None if x_lora is None else x_lora.reshape(-1, x_lora.shape[-1])

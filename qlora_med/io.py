@@ -1,16 +1,13 @@
-"""Atomic writes and the trainable state of a stage (adapter + projector), never the frozen base."""
+"""Atomic file and directory writes (readers see the old or the new content, never half). No torch here."""
 
 from __future__ import annotations
 
-import logging
 import os
 import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-
-logger = logging.getLogger(__name__)
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -1,15 +1,7 @@
-"""Model cards (README.md with Hub YAML metadata) for merged, exported and pushed models.
-
-The card is built from what the run saved: every stage's ``stage.json`` (losses, steps, wall time,
-hardware), the resolved recipe (all stages and hyper-parameters) and, when present, evaluation
-score files (``eval/*.json`` next to the model, or files given with ``--eval-json``).
-"""
+"""The research-use notice and Hub tags every card, chat and page carries (LLaVA-Med data and models: research only)."""
 
 from __future__ import annotations
 
-import logging
-
-logger = logging.getLogger(__name__)
 NOTICE = (
     "**Research use only. Not for clinical use.** This model is intended for research on biomedical "
     "vision-language modelling and for reproducing published results. It is not a medical device, was "

@@ -24,6 +24,15 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def bnb_cpu_dequantize() -> None:
+    """bitsandbytes' AVX-512 CPU dequantize corrected as the kit does before it quantizes (see
+    qlora_med.patches.bnb_cpu), so tests that call bitsandbytes directly see what the kit and a GPU see."""
+    from qlora_med.patches import bnb_cpu
+
+    bnb_cpu.install()
+
+
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory) -> Path:
     """A tiny LLaVA (CLIP + Mistral from config, real Mistral tokenizer) saved in HF format."""

@@ -1,19 +1,19 @@
-"""Atomic writes and the trainable state of a stage (adapter + projector), never the frozen base."""
+"""A stage's trainable state on disk: the PEFT LoRA adapter and ``projector.safetensors``, never the frozen base.
+
+:func:`save_trainable` writes both (into a checkpoint-N/ or ``final/``); :func:`load_trainable` restores both in
+place when resuming; :func:`load_projector` loads the projector alone (a stage starting from an earlier one).
+The file names belong to the run layout (:mod:`qlora_med.artifacts.run_dir`).
+"""
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from qlora_med.artifacts.run_dir import ADAPTER_FILE, PROJECTOR_FILE
 from qlora_med.model.load import projector_module
-
-logger = logging.getLogger(__name__)
-
-PROJECTOR_FILE = "projector.safetensors"
-ADAPTER_FILE = "adapter_model.safetensors"
 
 
 def save_trainable(model: torch.nn.Module, out: Path) -> None:

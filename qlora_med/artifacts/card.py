@@ -1,27 +1,28 @@
-"""Model cards (README.md with Hub YAML metadata) for merged, exported and pushed models.
+"""Model cards: the README.md (Hub YAML metadata + Markdown) of a merged, exported or pushed model.
 
 The card is built from what the run saved: every stage's ``stage.json`` (losses, steps, wall time,
 hardware), the resolved recipe (all stages and hyper-parameters) and, when present, evaluation
-score files (``eval/*.json`` next to the model, or files given with ``--eval-json``).
+score files (``eval/*.json`` next to the model, or files given with ``--eval-json``). The research-only
+notice and the Hub tags come from :mod:`qlora_med.notices`.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import yaml
+
+from qlora_med.artifacts.run_dir import saved_recipe, stage_chain
 from qlora_med.errors import QloraMedError
 from qlora_med.io import atomic_write_text
 from qlora_med.notices import NOTICE, TAGS
 
-logger = logging.getLogger(__name__)
-
 CARD_FILE = "README.md"
-_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")  # USER/NAME or ORG/NAME
 _LIBRARY = {"merged": "transformers", "llava-med": "transformers", "peft": "peft", "gguf": "gguf"}
 
 
@@ -35,20 +36,11 @@ class CardOptions:
     eval_files: list[Path] = field(default_factory=list)
 
 
-def _load_recipe(src: Path) -> dict:
-    import yaml
-
-    for candidate in (src / "resolved_config.yaml", src.parent / "resolved_config.yaml"):
-        if candidate.is_file():
-            return yaml.safe_load(candidate.read_text()) or {}
-    return {}
-
-
 def _hub_ids(recipe: dict) -> list[str]:
     """Base model ids from the recipe that look like Hub ids (not local paths)."""
     model = recipe.get("model") or {}
     values = [model.get(k) for k in ("name_or_path", "vision_tower", "llm")]
-    return [v for v in values if isinstance(v, str) and _HUB_ID.match(v) and not Path(v).exists()]
+    return [v for v in values if isinstance(v, str) and HUB_ID.match(v) and not Path(v).exists()]
 
 
 def _fmt(value) -> str:
@@ -122,12 +114,10 @@ def build_card(src: Path, kind: str, model_dir: Path | None = None, options: Car
     """The README.md text for a model built from the stage output ``src``."""
     from huggingface_hub import ModelCardData
 
-    from qlora_med.artifacts.run_dir import stage_chain
-
     options = options or CardOptions()
     chain = stage_chain(src)
     last = chain[-1]
-    recipe = _load_recipe(src)
+    recipe = saved_recipe(src)
     base_models = options.base_models or _hub_ids(recipe)
     data = ModelCardData(
         library_name=_LIBRARY.get(kind, "transformers"), license=options.license,
@@ -173,8 +163,6 @@ def build_card(src: Path, kind: str, model_dir: Path | None = None, options: Car
         lines += [f"| {b} | {m} | {v} |" for b, m, v in rows] + [""]
     lines += ["## How to use", "", _usage(kind, repo, last.get("image_aspect", "pad"), str(last.get("template"))), ""]
     if recipe:
-        import yaml
-
         lines += ["## Resolved recipe", "", "```yaml", yaml.safe_dump(recipe, sort_keys=False).rstrip(), "```", ""]
     return "\n".join(lines)
 

@@ -9,7 +9,8 @@
   its code loads the tower by the name in ``mm_vision_tower``), and a config with the ``mm_*`` keys of
   ``llava/model/llava_arch.py``. The HF config is kept under ``qlora_med_hf_config`` so
   :func:`llava_med_to_hf` restores the HF checkpoint tensor for tensor.
-* ``gguf``: see :mod:`qlora_med.gguf_export`.
+* ``gguf``: see :mod:`qlora_med.artifacts.gguf`.
+* ``hf``: a ``llava-med`` export back to an HF LLaVA dir (:func:`llava_med_to_hf`).
 
 ``llava-med`` and ``gguf`` start from a merged model; given a run, they merge it first (to a
 temporary directory next to ``out``).
@@ -26,12 +27,22 @@ from pathlib import Path
 
 from safetensors import safe_open
 
-from qlora_med.artifacts.adapter import ADAPTER_FILE, PROJECTOR_FILE
-from qlora_med.artifacts.merge import META_FILE, MergeOptions, merge
-from qlora_med.artifacts.run_dir import resolve_trained, stage_chain, stage_info
+from qlora_med.artifacts.card import write_card
+from qlora_med.artifacts.gguf import export_gguf
+from qlora_med.artifacts.merge import MergeOptions, merge
+from qlora_med.artifacts.run_dir import (
+    ADAPTER_CONFIG_FILE,
+    ADAPTER_FILE,
+    META_FILE,
+    PROJECTOR_FILE,
+    resolve_trained,
+    stage_chain,
+    stage_info,
+)
 from qlora_med.artifacts.shards import ShardWriter, canonical_key, parse_size, weight_files
 from qlora_med.errors import QloraMedError
 from qlora_med.io import atomic_dir
+from qlora_med.prompts.chat_template import set_chat_template
 
 logger = logging.getLogger(__name__)
 
@@ -105,9 +116,6 @@ def export_peft(source: str | Path, out: Path, options: ExportOptions) -> Path:
     """The adapter + projector of a stage, loadable with PEFT on the HF LLaVA base."""
     from transformers import AutoProcessor
 
-    from qlora_med.artifacts.card import write_card
-    from qlora_med.prompts.chat_template import set_chat_template
-
     src = resolve_trained(source)
     if (src / "config.json").is_file() or not (src / ADAPTER_FILE).is_file():
         raise QloraMedError(f"{src}: --format peft needs a stage output with a LoRA adapter (a run, final/ or checkpoint-N/)")
@@ -115,9 +123,9 @@ def export_peft(source: str | Path, out: Path, options: ExportOptions) -> Path:
     with atomic_dir(out) as tmp:
         for name in (ADAPTER_FILE, PROJECTOR_FILE):
             shutil.copy(src / name, tmp / name)
-        adapter_cfg = json.loads((src / "adapter_config.json").read_text())
+        adapter_cfg = json.loads((src / ADAPTER_CONFIG_FILE).read_text())
         adapter_cfg["base_model_name_or_path"] = options.base_model_id or info["base_model"]
-        (tmp / "adapter_config.json").write_text(json.dumps(adapter_cfg, indent=2) + "\n")
+        (tmp / ADAPTER_CONFIG_FILE).write_text(json.dumps(adapter_cfg, indent=2) + "\n")
         processor = AutoProcessor.from_pretrained(src if (src / "tokenizer_config.json").is_file() else info["base_model"])
         image_token = getattr(processor, "image_token", "<image>")
         set_chat_template(processor, info["template"], image_token)
@@ -240,8 +248,6 @@ def _merged_source(source: str | Path, out: Path, options: ExportOptions) -> tup
 
 def export(source: str | Path, out: str | Path, options: ExportOptions) -> list[Path]:
     """Export ``source`` (run, stage output, merged dir; a LLaVA-Med export for ``hf``) to ``out``."""
-    from qlora_med.artifacts.card import write_card
-
     out = Path(out)
     if options.format not in FORMATS:
         raise QloraMedError(f"unknown export format {options.format!r}; choose one of {list(FORMATS)}")
@@ -256,8 +262,6 @@ def export(source: str | Path, out: str | Path, options: ExportOptions) -> list[
             if options.format == "llava-med":
                 hf_to_llava_med(merged, out, options.vision_tower_name, options.max_shard_size)
             else:
-                from qlora_med.artifacts.gguf import export_gguf
-
                 export_gguf(merged, out, options.dtype, out.name)
             meta = json.loads((merged / META_FILE).read_text()) if (merged / META_FILE).is_file() else {}
             (out / META_FILE).write_text(json.dumps({**meta, "format": options.format}, indent=1) + "\n")

@@ -12,22 +12,20 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
-from qlora_med.artifacts.card import CARD_FILE, CardOptions
+from qlora_med.artifacts.card import CARD_FILE, HUB_ID, CardOptions, build_card
+from qlora_med.artifacts.run_dir import META_FILE
 from qlora_med.errors import QloraMedError
 from qlora_med.io import atomic_write_text
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
-_REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
-_META_FILE = "qlora_med.json"
 IGNORE = [".*", "**/.*", "*.tmp", "**/__pycache__/**"]
 
 
@@ -63,6 +61,8 @@ class PushPlan:
 
 @dataclass
 class PushResult:
+    """Where a push landed: repo, commit, branch, and what was uploaded."""
+
     repo_url: str
     commit_url: str
     revision: str
@@ -71,13 +71,11 @@ class PushResult:
 
 def plan_push(folder: Path, options: PushOptions) -> PushPlan:
     """List the files to upload and the model card (rebuilt for the repo id when the run is available)."""
-    from qlora_med.artifacts.card import build_card
-
-    if not _REPO_ID.match(options.repo_id):
+    if not HUB_ID.match(options.repo_id):
         raise QloraMedError(f"--repo-id '{options.repo_id}': expected USER/NAME or ORG/NAME")
     if not folder.is_dir() or not any(folder.iterdir()):
         raise QloraMedError(f"{folder}: not a model directory (run `qlora-med merge` or `qlora-med export` first)")
-    meta_file = folder / _META_FILE
+    meta_file = folder / META_FILE
     meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
     source = Path(meta["source"]) if meta.get("source") else None
     if source is not None and source.is_dir():

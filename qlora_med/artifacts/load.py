@@ -1,4 +1,4 @@
-"""Load what training produced (a run, a stage's ``final/``, a checkpoint, or a merged model) for use."""
+"""Load what training produced (a run, a stage's ``final/``, a checkpoint, or a merged model) for generation."""
 
 from __future__ import annotations
 
@@ -6,8 +6,12 @@ import json
 import logging
 from pathlib import Path
 
-from qlora_med.artifacts.adapter import ADAPTER_FILE, load_projector
-from qlora_med.artifacts.run_dir import resolve_trained, stage_info
+import torch
+
+from qlora_med.artifacts.adapter import load_projector
+from qlora_med.artifacts.run_dir import ADAPTER_FILE, META_FILE, resolve_trained, stage_info
+from qlora_med.config.schema import ModelConfig
+from qlora_med.model.load import load_model, resolve_compute_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -17,23 +21,26 @@ def load_trained(path: str | Path, compute_dtype: str = "auto", quantization: st
 
     ``info`` holds at least ``template`` and ``image_aspect``. A merged model loads directly;
     a stage output loads its base (quantized as in training unless ``quantization`` says
-    otherwise), applies the adapter and the trained projector.
+    otherwise, computing in the dtype it trained in unless ``compute_dtype`` names one), applies the adapter
+    and the trained projector.
     """
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-    from qlora_med.config.schema import ModelConfig
-    from qlora_med.model.load import load_model, resolve_compute_dtype
-
     src = resolve_trained(path)
-    dtype = resolve_compute_dtype(compute_dtype)
     if (src / "config.json").is_file():
-        meta_file = src / "qlora_med.json"
+        dtype = resolve_compute_dtype(compute_dtype)
+        meta_file = src / META_FILE
         info = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
         info.setdefault("template", "mistral_instruct")
         info.setdefault("image_aspect", "pad")
         model = LlavaForConditionalGeneration.from_pretrained(src, dtype=dtype)
         return model.eval(), AutoProcessor.from_pretrained(src), info
     info = stage_info(src)
+    if compute_dtype == "auto" and info.get("compute_dtype"):
+        dtype = getattr(torch, info["compute_dtype"])  # stage.json: the torch name training used
+        logger.info("compute dtype: %s (as trained)", dtype)
+    else:
+        dtype = resolve_compute_dtype(compute_dtype)
     cfg = ModelConfig(name_or_path=info["base_model"], quantization=quantization or info["quantization"])
     model, processor = load_model(cfg, Path(info["base_model"]), dtype)
     if (src / ADAPTER_FILE).is_file():

@@ -40,28 +40,34 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from qlora_med.artifacts.adapter import ADAPTER_FILE, PROJECTOR_FILE
-from qlora_med.artifacts.run_dir import recipe_value, resolve_trained, stage_chain, stage_info
+from qlora_med.artifacts.card import write_card
+from qlora_med.artifacts.run_dir import (
+    ADAPTER_CONFIG_FILE,
+    ADAPTER_FILE,
+    META_FILE,
+    PROJECTOR_FILE,
+    resolve_trained,
+    saved_recipe,
+    stage_chain,
+    stage_info,
+)
 from qlora_med.artifacts.shards import ShardWriter, canonical_key, parse_size, weight_files
 from qlora_med.errors import QloraMedError
 from qlora_med.io import atomic_dir
+from qlora_med.model.load import DTYPES, QUANT_SKIP_MODULES
+from qlora_med.prompts.chat_template import set_chat_template
 
 logger = logging.getLogger(__name__)
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-_DTYPE_NAMES = {torch.bfloat16: "bfloat16", torch.float16: "float16", torch.float32: "float32"}
-META_FILE = "qlora_med.json"
 PROJECTOR_PREFIX = "model.multi_modal_projector."
 
 
 @dataclass
 class LoraDelta:
-    """The LoRA factors of one adapter, keyed by canonical weight name."""
+    """The LoRA factors ``(A, B)`` of one adapter, keyed by canonical weight name, and its scale ``s``."""
 
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]]
     scale: float
-    r: int
-    alpha: float
 
     def delta(self, key: str) -> torch.Tensor:
         a, b = self.factors[key]
@@ -72,7 +78,7 @@ def load_lora(src: Path) -> LoraDelta | None:
     """Read ``adapter_model.safetensors`` + ``adapter_config.json`` (None when the stage has no adapter)."""
     if not (src / ADAPTER_FILE).is_file():
         return None
-    cfg = json.loads((src / "adapter_config.json").read_text())
+    cfg = json.loads((src / ADAPTER_CONFIG_FILE).read_text())
     if cfg.get("use_dora") or cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
         raise QloraMedError(f"{src}: DoRA / per-module rank or alpha patterns are not supported by merge")
     r, alpha = int(cfg["r"]), float(cfg["lora_alpha"])
@@ -85,13 +91,16 @@ def load_lora(src: Path) -> LoraDelta | None:
             raise QloraMedError(f"{src}: unexpected adapter tensor '{key}' (only LoRA A/B on linear layers merge)")
         parts.setdefault(canonical_key(match.group(1)) + ".weight", {})[match.group(2)] = value
     factors = {k: (v["A"], v["B"]) for k, v in parts.items()}
-    return LoraDelta(factors, scale, r, alpha)
+    return LoraDelta(factors, scale)
 
 
 def nf4_roundtrip(weight: torch.Tensor, compute_dtype: torch.dtype, double_quant: bool) -> torch.Tensor:
     """``dequant(quant_nf4(W))`` as bitsandbytes' ``Params4bit`` does it when the model loads."""
     import bitsandbytes.functional as bnbf
 
+    from qlora_med.patches import bnb_cpu
+
+    bnb_cpu.install()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     w = weight.to(device=device, dtype=compute_dtype).contiguous()
     packed, state = bnbf.quantize_4bit(w, compress_statistics=double_quant, quant_type="nf4",
@@ -102,8 +111,6 @@ def nf4_roundtrip(weight: torch.Tensor, compute_dtype: torch.dtype, double_quant
 def quantized_linear_weights(base_dir: Path) -> set[str]:
     """Canonical names of the weights that training loaded as NF4 (LLM linears; see QUANT_SKIP_MODULES)."""
     from transformers import AutoConfig, LlavaForConditionalGeneration
-
-    from qlora_med.model.load import QUANT_SKIP_MODULES
 
     with torch.device("meta"):
         model = LlavaForConditionalGeneration(AutoConfig.from_pretrained(base_dir))
@@ -159,7 +166,7 @@ def merge_weights(src: Path, base_dir: Path, out: Path, options: MergeOptions, i
         raise QloraMedError(f"--nf4-faithful: the stage was trained with quantization={info.get('quantization')}, not nf4")
     nf4_names = quantized_linear_weights(base_dir) if faithful else set()
     compute_dtype = getattr(torch, info.get("compute_dtype", "float32"))
-    double_quant = bool(recipe_value(src, "model", "double_quant", default=True))
+    double_quant = bool((saved_recipe(src).get("model") or {}).get("double_quant", True))
     pending = set(lora.factors) if lora else set()
     pending_projector = {PROJECTOR_PREFIX + k for k in projector}
     writer = ShardWriter(out, parse_size(options.max_shard_size))
@@ -213,12 +220,9 @@ def write_support_files(src: Path, base_dir: Path, out: Path, result: MergeResul
     """config, generation config, processor with the trained chat template, qlora_med.json, README."""
     from transformers import AutoProcessor
 
-    from qlora_med.artifacts.card import write_card
-    from qlora_med.prompts.chat_template import set_chat_template
-
     config = json.loads((base_dir / "config.json").read_text())
     config.pop("torch_dtype", None)
-    config["dtype"] = _DTYPE_NAMES[DTYPES[result.dtype]]
+    config["dtype"] = str(DTYPES[result.dtype]).removeprefix("torch.")
     _write(out / "config.json", json.dumps(config, indent=2) + "\n")
     if (base_dir / "generation_config.json").is_file():
         shutil.copy(base_dir / "generation_config.json", out / "generation_config.json")

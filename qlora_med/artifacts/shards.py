@@ -1,34 +1,13 @@
-"""Merge a trained stage (LoRA adapter + projector) into a full-precision HF LLaVA checkpoint.
+"""Safetensors shards of an HF checkpoint: key naming across LLaVA layouts, reading the shard list, writing shards.
 
-The merge math, for every adapted linear layer with frozen base weight ``W`` (d_out x d_in), LoRA
-factors ``A`` (r x d_in) and ``B`` (d_out x r), and scale ``s = alpha / r`` (``alpha / sqrt(r)`` with
-rsLoRA)::
-
-    W_merged = W_base + s * (B @ A)        # in fp32, then cast to the output dtype
-
-``W_base`` is one of:
-
-* ``original`` (default): the base checkpoint's full-precision ``W``. The trained model computed
-  ``x @ W_nf4.T + s * (x @ A.T) @ B.T`` with ``W_nf4 = dequant(quant_nf4(W))``; the merged model
-  differs from it by ``x @ (W - W_nf4).T``, the NF4 rounding error the adapter was trained around.
-  This is the usual "merge into the bf16 base" deployment; the error is measured in the tests.
-* ``nf4_faithful``: ``W_nf4`` itself (bitsandbytes blockwise NF4 quantize + dequantize of
-  ``W.to(compute_dtype)``, bitsandbytes' default blocksize and the recipe's double-quant, as
-  ``from_pretrained(quantization_config=...)`` did in training), applied to *every* NF4-quantized
-  layer, adapted or not. The merged model then reproduces the evaluated adapter model up to float
-  rounding, at the cost of keeping the 4-bit rounding of the base in 16-bit weights.
-
-Everything else (embeddings, norms, lm_head, vision tower) is copied; the projector is replaced by
-the trained ``projector.safetensors``. The merge streams: one input shard is read (``safe_open``),
-transformed tensor by tensor into an output buffer that is written whenever it reaches
-``max_shard_size`` (2 GB by default), so peak memory is about one input shard plus one output shard
-(``benchmarks/merge_memory.py`` measures it). Keys keep the base checkpoint's on-disk names.
+:func:`canonical_key` maps any on-disk LLaVA key (transformers 4 or 5) to the in-memory name PEFT uses;
+:func:`weight_files` lists a checkpoint's shards in index order; :class:`ShardWriter` writes
+``model-XXXXX-of-YYYYY.safetensors`` shards of at most ``max_bytes`` (:func:`parse_size`) plus the index.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import os
 import re
 from pathlib import Path
@@ -38,7 +17,6 @@ from safetensors.torch import save_file
 
 from qlora_med.errors import QloraMedError
 
-logger = logging.getLogger(__name__)
 _PREFIXES = [
     (re.compile(r"^language_model\.lm_head\."), "lm_head."),
     (re.compile(r"^language_model\.model\."), "model.language_model."),

@@ -55,7 +55,7 @@ QUICK = TinyModelConfig(
     image_size=112, patch_size=14, vision_hidden=64, vision_layers=2, vision_heads=2, text_hidden=128,
     text_intermediate=256, text_layers=2, text_heads=4, text_kv_heads=2, lm_head_std=0.02,
 )  # fmt: skip
-SAMPLE_DIR = Path(__file__).resolve().parents[1] / "data" / "sample"
+SAMPLE_DIR = Path(__file__).resolve().parents[2] / "data" / "sample"  # the repository's data/sample
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 
 Imports everything first, takes the RSS, builds the batches, trains ``warmup + steps`` optimizer steps
 (hand-written baseline loop or the kit's ``StageTrainer``) and writes its measurements as JSON to
-``payload["result"]``. Method: see :mod:`qlora_med.bench`.
+``payload["result"]``. Method: see :mod:`qlora_med.bench.suite`, which starts this worker per variant.
 """
 
 from __future__ import annotations
@@ -41,9 +41,7 @@ class _Meter:
         self.cuda = torch.cuda.is_available()
         self.warmup, self.rss0, self.t0, self.t1, self.persistent = warmup, rss0, None, None, None
         self.loads: list[float] = []  # 1-min load average at the start and end of the measured steps
-        self.cpu0 = self.cpu1 = (
-            0.0  # process CPU seconds (all threads) at the start / end of the measured steps
-        )
+        self.cpu0 = self.cpu1 = 0.0  # process CPU seconds (all threads): start / end of measured steps
 
     def step_done(self, step: int) -> None:
         import torch

@@ -1,4 +1,8 @@
-"""``qlora-med chat``: multi-turn terminal chat about an image, answers streamed token by token."""
+"""What several commands share: argparse options, choice lists and output formatting (no library code).
+
+Command modules import only this and torch-free modules at the top, so ``qlora-med --help`` stays fast; the choice
+lists are checked against the library's tables in tests/unit/commands/test_options.py.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,9 @@ import argparse
 import logging
 
 logger = logging.getLogger(__name__)
+
+DTYPE_CHOICES = ("bf16", "fp16", "fp32")  # qlora_med.model.load.DTYPES
+EXPORT_FORMATS = ("peft", "llava-med", "gguf", "hf")  # qlora_med.artifacts.export.FORMATS
 
 
 def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
@@ -16,9 +23,8 @@ def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
         "--top-p", type=float, default=1.0, help="nucleus sampling (only with --temperature > 0)"
     )
     parser.add_argument(
-        "--dtype", default="auto", choices=("auto", "bf16", "fp16", "fp32"), help="compute dtype"
+        "--dtype", default="auto", choices=("auto", *DTYPE_CHOICES), help="compute dtype"
     )
-logger = logging.getLogger(__name__)
 
 
 def summarise(results: list[dict], output_dir: str) -> None:

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import time
 from pathlib import Path
 
 NAME = "bench"
 HELP = "measure real-token throughput and peak memory: a plain transformers+peft QLoRA loop vs the kit"
-logger = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from pathlib import Path
 
@@ -13,8 +12,6 @@ from qlora_med.serve.terminal import COMMANDS, ChatSession, chat_loop
 
 NAME = "chat"
 HELP = "chat with a trained model about an image in the terminal (research use only)"
-
-logger = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -6,9 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from qlora_med.artifacts.export import FORMATS, ExportOptions, export
-from qlora_med.artifacts.merge import DTYPES
-from qlora_med.commands._options import human_size
+from qlora_med.commands._options import DTYPE_CHOICES, EXPORT_FORMATS, human_size
 
 NAME = "export"
 HELP = "export a trained run as a PEFT adapter, a LLaVA-Med v1.5 checkpoint or GGUF files for llama.cpp"
@@ -16,11 +14,11 @@ HELP = "export a trained run as a PEFT adapter, a LLaVA-Med v1.5 checkpoint or G
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("source", help="run dir, final/, checkpoint-N/ or merged dir (a llava-med export for hf)")
-    parser.add_argument("--format", required=True, choices=FORMATS,
+    parser.add_argument("--format", required=True, choices=EXPORT_FORMATS,
                         help="peft: adapter + projector; llava-med: original LLaVA-Med layout; gguf: llama.cpp "
                         "LLM + mmproj; hf: a llava-med export back to HF LLaVA")
     parser.add_argument("--out", type=Path, required=True, help="output directory")
-    parser.add_argument("--dtype", choices=sorted(DTYPES),
+    parser.add_argument("--dtype", choices=DTYPE_CHOICES,
                         help="weights dtype when merging (llava-med, gguf: f32/f16/bf16 tensors; default f16 for gguf)")
     parser.add_argument("--nf4-faithful", action="store_true", help="merge onto the NF4-round-tripped base (see merge)")
     parser.add_argument("--base-model-id", help="peft: base model written to adapter_config.json (e.g. a Hub id)")
@@ -32,6 +30,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    from qlora_med.artifacts.export import ExportOptions, export
+
     options = ExportOptions(format=args.format, dtype=args.dtype, nf4_faithful=args.nf4_faithful,
                             base_model_id=args.base_model_id, vision_tower_name=args.vision_tower_name,
                             max_shard_size=args.max_shard_size, overwrite=args.overwrite)

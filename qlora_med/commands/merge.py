@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from qlora_med.artifacts.merge import DTYPES, MergeOptions, merge
+from qlora_med.commands._options import DTYPE_CHOICES
 
 NAME = "merge"
 HELP = "merge a trained run's LoRA adapters and projector into a full-precision HF LLaVA checkpoint"
@@ -15,7 +15,7 @@ HELP = "merge a trained run's LoRA adapters and projector into a full-precision 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("source", help="run dir, a stage's final/ or a checkpoint-N/ dir")
     parser.add_argument("--out", type=Path, required=True, help="output directory (HF LLaVA format)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), help="output dtype (default: the base checkpoint's)")
+    parser.add_argument("--dtype", choices=DTYPE_CHOICES, help="output dtype (default: the base checkpoint's)")
     parser.add_argument(
         "--nf4-faithful", action="store_true",
         help="merge onto the NF4-round-tripped base weights the adapter was trained against: reproduces the "
@@ -29,6 +29,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    from qlora_med.artifacts.merge import MergeOptions, merge
+
     options = MergeOptions(dtype=args.dtype, nf4_faithful=args.nf4_faithful, max_shard_size=args.max_shard_size,
                            overwrite=args.overwrite, base_model=args.base)
     r = merge(args.source, args.out, options)

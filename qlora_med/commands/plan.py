@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 from dataclasses import replace
 from pathlib import Path
 
@@ -23,7 +22,6 @@ from qlora_med.plan.estimate import (
 )
 from qlora_med.plan.recipe import _read_config, run_for_stage, shape_from_config_dict, shape_from_recipe
 
-logger = logging.getLogger(__name__)
 CPU_TFLOPS = 0.1  # assumed fp32 peak of a small CPU box for --cpu (2 AVX2 cores reach ~0.03 in matmuls)
 NAME = "plan"
 HELP = "estimate QLoRA training memory per component and pick batch/accumulation/checkpointing for a GPU"

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import logging
 
 from qlora_med.commands._options import summarise
 
 NAME = "run"
 HELP = "run every stage of a recipe in order (finished stages are skipped, unfinished ones resume)"
-logger = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

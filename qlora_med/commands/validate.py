@@ -1,4 +1,7 @@
-"""``qlora-med validate RECIPE``: check a recipe (keys, types, files, combinations) without loading a model."""
+"""``qlora-med validate RECIPE``: check a recipe (keys, types, values, combinations, files) without loading a model.
+
+Every problem is reported at once; ``--no-files`` skips only the checks that files and folders exist.
+"""
 
 from __future__ import annotations
 

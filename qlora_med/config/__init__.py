@@ -1,1 +1,1 @@
-"""config."""
+"""The recipe: what it may say (schema, stages), how it is read (loader), whether its files exist (files)."""

@@ -1,8 +1,8 @@
-"""The recipe schema: typed dataclasses, loaded from YAML with ``dotted.key=value`` overrides.
+"""How a recipe is read: YAML plus ``dotted.key=value`` overrides, converted into the schema's dataclasses.
 
-Precedence: dataclass defaults < stage-kind presets (``qlora_med.stages``) < YAML < overrides.
-Every key is documented once, in its field's ``metadata["help"]``; values are checked in
-``__post_init__`` and cross-field rules in :func:`validate_recipe`, before any model loads.
+Unknown keys get the nearest valid key, wrong types and choices name the key; every problem of the
+recipe (these and the schema's value and combination rules) is reported in one ConfigError. Also
+writes the resolved config back out (:func:`save_resolved`).
 """
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ from typing import Any, Literal
 
 import yaml
 
+from qlora_med.config.problems import RecipeProblems, problems_of, raise_problems
 from qlora_med.config.schema import RecipeConfig
 from qlora_med.errors import ConfigError
-
-# ---------------------------------------------------------------- loading
+from qlora_med.io import atomic_write_text
 
 
 def _type_name(tp: Any) -> str:
@@ -41,8 +41,8 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
             try:
                 return _convert(value, arg, where)
             except ConfigError as err:
-                errors.append(str(err))
-        raise ConfigError(errors[0])
+                errors.append(err)
+        raise errors[0]
     if origin is Literal:
         choices = typing.get_args(tp)
         if isinstance(value, bool) and "on" in choices and "off" in choices:
@@ -59,7 +59,14 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
         def item_where(i: int, v: Any) -> str:  # stages are named by their name, like overrides
             return f"{where}.{v['name']}" if isinstance(v, dict) and "name" in v else f"{where}[{i}]"
 
-        return [_convert(v, item_tp, item_where(i, v)) for i, v in enumerate(value)]
+        items, problems = [], []
+        for i, v in enumerate(value):
+            try:
+                items.append(_convert(v, item_tp, item_where(i, v)))
+            except ConfigError as err:
+                problems += problems_of(err)
+        raise_problems(problems)
+        return items
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
@@ -83,24 +90,33 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
 
 
 def _build(cls: type, data: dict[str, Any], where: str) -> Any:
+    """The dataclass ``cls`` from ``data``; every bad key of it (and of its sections) in one error.
+
+    The class's own rules (its ``__post_init__``) run only once all of its keys converted.
+    """
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    kwargs = {}
+    kwargs, problems = {}, []
     for key, value in data.items():
         path = f"{where}.{key}" if where else key
         if key not in fields:
             near = difflib.get_close_matches(key, fields, n=1)
             hint = f"; did you mean '{near[0]}'?" if near else f"; valid keys: {sorted(fields)}"
-            raise ConfigError(f"unknown key '{path}'{hint}")
-        kwargs[key] = _convert(value, hints[key], path)
+            problems.append(f"unknown key '{path}'{hint}")
+            continue
+        try:
+            kwargs[key] = _convert(value, hints[key], path)
+        except ConfigError as err:
+            problems += problems_of(err)
     missing = [
         n
         for n, f in fields.items()
-        if n not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        if n not in data and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
     ]
     if missing:
         prefix = f"{where}." if where else ""
-        raise ConfigError(f"missing required key(s): {', '.join(prefix + m for m in missing)}")
+        problems.append(f"missing required key(s): {', '.join(prefix + m for m in missing)}")
+    raise_problems(problems)
     return cls(**kwargs)
 
 
@@ -137,12 +153,18 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         raise ConfigError(f"{path}: not valid YAML: {err}") from err
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a recipe is a mapping of keys, got {type(data).__name__}")
+    problems = []
     for override in overrides:
-        _apply_override(data, override)
+        try:
+            _apply_override(data, override)
+        except ConfigError as err:
+            problems.append(str(err))
     try:
-        return _build(RecipeConfig, data, "")
+        recipe = _build(RecipeConfig, data, "")
     except ConfigError as err:
-        raise ConfigError(f"{path}: {err}") from None
+        raise RecipeProblems([*problems, *problems_of(err)], str(path)) from None
+    raise_problems(problems, str(path))
+    return recipe
 
 
 def recipe_to_dict(recipe: Any) -> dict[str, Any]:
@@ -152,6 +174,4 @@ def recipe_to_dict(recipe: Any) -> dict[str, Any]:
 
 def save_resolved(recipe: Any, path: Path) -> None:
     """Write the resolved config YAML atomically."""
-    from qlora_med.io import atomic_write_text
-
     atomic_write_text(path, yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False))

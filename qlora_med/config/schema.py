@@ -1,8 +1,10 @@
-"""The recipe schema: typed dataclasses, loaded from YAML with ``dotted.key=value`` overrides.
+"""What a recipe may say: its typed dataclasses and every rule on their values (no file access).
 
-Precedence: dataclass defaults < stage-kind presets (``qlora_med.stages``) < YAML < overrides.
-Every key is documented once, in its field's ``metadata["help"]``; values are checked in
-``__post_init__`` and cross-field rules in :func:`validate_recipe`, before any model loads.
+Precedence: dataclass defaults < stage-kind presets (``qlora_med.config.stages``) < YAML < overrides
+(read by ``qlora_med.config.loader``). Every key is documented once, in its field's ``metadata["help"]``.
+Each ``__post_init__`` checks its values and combinations (e.g. a stage with nothing to train) and
+reports all of its problems together (``qlora_med.config.problems``); whether the files a recipe names
+exist is ``qlora_med.config.files``.
 """
 
 from __future__ import annotations
@@ -13,8 +15,10 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from qlora_med.config.stages import STAGE_PRESETS, TEMPLATES, TrainSpec
+from qlora_med.config.problems import raise_problems
+from qlora_med.config.stages import STAGE_PRESETS, TrainSpec
 from qlora_med.errors import ConfigError
+from qlora_med.prompts.templates import TEMPLATES
 
 
 def _f(default: Any = dataclasses.MISSING, help: str = "", **kw: Any) -> Any:  # noqa: A002
@@ -74,14 +78,16 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         sources = [self.name_or_path is not None, self.vision_tower is not None or self.llm is not None]
+        problems = []
         if not any(sources):
-            raise ConfigError("model: set model.name_or_path, or model.vision_tower + model.llm to compose")
-        if sources[1] and (self.vision_tower is None or self.llm is None):
-            raise ConfigError("model: compose mode needs both model.vision_tower and model.llm")
-        if all(sources):
-            raise ConfigError("model: set either model.name_or_path or model.vision_tower + model.llm, not both")
+            problems.append("model: set model.name_or_path, or model.vision_tower + model.llm to compose")
+        elif sources[1] and (self.vision_tower is None or self.llm is None):
+            problems.append("model: compose mode needs both model.vision_tower and model.llm")
+        elif all(sources):
+            problems.append("model: set either model.name_or_path or model.vision_tower + model.llm, not both")
         if self.tiny is not None and self.name_or_path is None:
-            raise ConfigError("model.tiny: needs model.name_or_path (the directory to build the tiny model in)")
+            problems.append("model.tiny: needs model.name_or_path (the directory to build the tiny model in)")
+        raise_problems(problems)
 
 
 @dataclass
@@ -97,12 +103,14 @@ class LoraConfig:
     )
 
     def __post_init__(self) -> None:
+        problems = []
         if self.r <= 0 or self.alpha <= 0:
-            raise ConfigError(f"lora: r and alpha must be positive, got r={self.r} alpha={self.alpha}")
+            problems.append(f"lora: r and alpha must be positive, got r={self.r} alpha={self.alpha}")
         if not 0 <= self.dropout < 1:
-            raise ConfigError(f"lora.dropout must be in [0, 1), got {self.dropout}")
+            problems.append(f"lora.dropout must be in [0, 1), got {self.dropout}")
         if not self.target_modules:
-            raise ConfigError("lora.target_modules is empty: list the LLM linear layers to adapt")
+            problems.append("lora.target_modules is empty: list the LLM linear layers to adapt")
+        raise_problems(problems)
 
 
 @dataclass
@@ -127,7 +135,7 @@ class KernelsConfig:
 
     def __post_init__(self) -> None:
         if self.chunk_size is not None and self.chunk_size <= 0:
-            raise ConfigError(f"kernels.chunk_size must be positive or null, got {self.chunk_size}")
+            raise_problems([f"kernels.chunk_size must be positive or null, got {self.chunk_size}"])
 
 
 @dataclass
@@ -153,7 +161,7 @@ class DataConfig:
 
 @dataclass
 class StageConfig:
-    """One curriculum stage. Unset fields come from the stage kind's preset in ``qlora_med.stages``."""
+    """One curriculum stage. Unset fields come from the stage kind's preset in ``qlora_med.config.stages``."""
 
     name: str = _f(help="stage name: output subfolder and override address (stages.NAME.key=value)")
     kind: Literal["align", "instruct", "vqa"] = _f(help="align (stage 1), instruct (stage 2) or vqa fine-tune")
@@ -195,45 +203,52 @@ class StageConfig:
 
     def __post_init__(self) -> None:
         self.data = [self.data] if isinstance(self.data, DataConfig) else list(self.data)
-        if not self.data:
-            raise ConfigError(f"stages.{self.name}.data: no data sources; give a mapping or a list of them")
-        for where, source in zip(data_addresses(self), self.data, strict=True):
-            if not (math.isfinite(source.weight) and source.weight > 0):
-                raise ConfigError(f"{where}.weight must be a positive number, got {source.weight}")
-            if source.max_records is not None and source.max_records <= 0:
-                raise ConfigError(f"{where}.max_records must be positive or null, got {source.max_records}")
-        names = [s.name for s in self.data if s.name is not None]
-        dupes = sorted({n for n in names if names.count(n) > 1})
-        if dupes:
-            raise ConfigError(f"stages.{self.name}.data: duplicate source names {dupes}; names must be unique")
         preset = STAGE_PRESETS[self.kind]
         self.template = self.template or preset.template
         self.train = self.train or dataclasses.replace(preset.train)
         self.learning_rate = self.learning_rate if self.learning_rate is not None else preset.learning_rate
         self.projector_lr = self.projector_lr if self.projector_lr is not None else preset.projector_lr
+        where = f"stages.{self.name}"
+        problems = []
+        if not self.data:
+            problems.append(f"{where}.data: no data sources; give a mapping or a list of them")
+        for data_where, source in zip(data_addresses(self), self.data, strict=True):
+            if not (math.isfinite(source.weight) and source.weight > 0):
+                problems.append(f"{data_where}.weight must be a positive number, got {source.weight}")
+            if source.max_records is not None and source.max_records <= 0:
+                problems.append(f"{data_where}.max_records must be positive or null, got {source.max_records}")
+        names = [s.name for s in self.data if s.name is not None]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            problems.append(f"{where}.data: duplicate source names {dupes}; names must be unique")
         if self.template not in TEMPLATES:
             near = difflib.get_close_matches(self.template, TEMPLATES, n=1)
             hint = f" (did you mean '{near[0]}'?)" if near else ""
-            raise ConfigError(
-                f"stages.{self.name}.template: unknown template '{self.template}'{hint}; "
-                f"choose one of {sorted(TEMPLATES)}"
+            problems.append(
+                f"{where}.template: unknown template '{self.template}'{hint}; choose one of {sorted(TEMPLATES)}"
             )
+        elif self.template == "plain" and self.kind != "align":
+            problems.append(
+                f"{where}.template: 'plain' (image then caption) is for align stages; "
+                "use mistral_instruct, vicuna_v1 or llava_med_v1"
+            )
+        if self.train.projector == "frozen" and self.train.llm == "frozen":
+            problems.append(f"{where}.train: nothing to train (projector and llm both frozen)")
         autos = [k for k in ("per_device_batch_size", "gradient_accumulation_steps") if getattr(self, k) == "auto"]
         if len(autos) == 1:
-            raise ConfigError(
-                f"stages.{self.name}: set both per_device_batch_size and gradient_accumulation_steps to auto "
+            problems.append(
+                f"{where}: set both per_device_batch_size and gradient_accumulation_steps to auto "
                 "(the planner picks them together to keep global_batch_size), or neither"
             )
         for key in ("per_device_batch_size", "gradient_accumulation_steps", "max_length", "save_steps",
                     "global_batch_size"):
-            if getattr(self, key) == "auto":
-                continue
-            if getattr(self, key) <= 0:
-                raise ConfigError(f"stages.{self.name}.{key} must be positive, got {getattr(self, key)}")
+            if getattr(self, key) != "auto" and getattr(self, key) <= 0:
+                problems.append(f"{where}.{key} must be positive, got {getattr(self, key)}")
         if not 0 <= self.warmup_ratio < 1:
-            raise ConfigError(f"stages.{self.name}.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+            problems.append(f"{where}.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.max_steps == 0 or self.max_steps < -1:
-            raise ConfigError(f"stages.{self.name}.max_steps must be -1 (use num_epochs) or positive")
+            problems.append(f"{where}.max_steps must be -1 (use num_epochs) or positive")
+        raise_problems(problems)
 
 
 def data_addresses(stage: StageConfig) -> list[str]:
@@ -254,20 +269,22 @@ class RecipeConfig:
     lora: LoraConfig = _f(LoraConfig(), "LoRA adapter settings")
     seed: int = _f(42, "seed for adapter init, data order and dropout")
     report_to: str = _f("none", "transformers report_to (none, tensorboard, wandb)")
-    kernels: KernelsConfig = _f(KernelsConfig(), "fused kernels and loss path (qlora_med.kernel_select)")
+    kernels: KernelsConfig = _f(KernelsConfig(), "fused kernels and loss path (qlora_med.patches.select)")
 
     def __post_init__(self) -> None:
         names = [s.name for s in self.stages]
+        problems = []
         if not names:
-            raise ConfigError("stages: the recipe has no stages")
+            problems.append("stages: the recipe has no stages")
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
-            raise ConfigError(f"stages: duplicate stage names {dupes}; names must be unique")
+            problems.append(f"stages: duplicate stage names {dupes}; names must be unique")
         if self.kernels.nf4_lora == "on" and self.model.quantization != "nf4":
-            raise ConfigError(
+            problems.append(
                 f"kernels.nf4_lora: 'on' needs model.quantization: nf4 (it is '{self.model.quantization}'); "
                 "use 'auto' or 'off'"
             )
+        raise_problems(problems)
 
     def stage(self, name: str) -> StageConfig:
         """The stage called ``name``, or a ConfigError naming the valid ones."""

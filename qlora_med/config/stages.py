@@ -1,6 +1,8 @@
-"""Curriculum stage semantics, as data: what each stage kind trains, its template and learning rates.
+"""What does a stage train: each stage kind's template, trained parts and learning rates, as data.
 
-This is the one place to read what the curriculum does. A recipe's stage may override any of it.
+This is the one place to read what the curriculum does. A recipe's stage may override any of it; the
+schema (``qlora_med.config.schema.StageConfig``) fills unset fields from these presets, and
+:func:`qlora_med.train.trainable.setup_trainable` applies a stage's ``train`` to a model.
 
 | kind     | data                         | template         | projector | LLM  | vision tower | lr (LoRA / projector) |
 |----------|------------------------------|------------------|-----------|------|--------------|-----------------------|
@@ -11,10 +13,11 @@ This is the one place to read what the curriculum does. A recipe's stage may ove
 The paper's stage 1 (projector only) is ``train: {llm: frozen}`` on an align stage
 (``recipes/llava_med_v15_paper_align.yaml``).
 
-Hand-off between stages: a stage starts from the previous stage's ``final/`` projector and, when
-that stage (or one before it) trained LoRA adapters, *continues training those adapters*. We do
-not merge them into the base: the base is NF4, and merging into it would re-quantize the sum and
-lose the adapter's contribution (see ``qlora-med merge`` for a proper full-precision merge).
+Hand-off between stages: a stage starts from its ``init_from``, else the previous stage's ``final/``
+(``qlora_med.artifacts.run_dir.previous_final``); it loads that projector and, when that stage (or one
+before it) trained LoRA adapters, *continues training those adapters*. We do not merge them into the base: the base is NF4, and merging into it
+would re-quantize the sum and lose the adapter's contribution (see ``qlora-med merge`` for a proper
+full-precision merge).
 """
 
 from __future__ import annotations
@@ -22,9 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from qlora_med.prompts.templates import TEMPLATES
-
-__all__ = ["STAGE_PRESETS", "StagePreset", "TEMPLATES", "TrainSpec"]
+__all__ = ["STAGE_PRESETS", "StagePreset", "TrainSpec"]
 
 
 @dataclass
@@ -44,11 +45,10 @@ class StagePreset:
     train: TrainSpec
     learning_rate: float
     projector_lr: float
-    data_kind: Literal["alignment", "conversation"]
 
 
 STAGE_PRESETS: dict[str, StagePreset] = {
-    "align": StagePreset("plain", TrainSpec("full", "lora"), 2e-4, 2e-3, "alignment"),
-    "instruct": StagePreset("mistral_instruct", TrainSpec("full", "lora"), 2e-4, 2e-5, "conversation"),
-    "vqa": StagePreset("mistral_instruct", TrainSpec("full", "lora"), 2e-4, 2e-5, "conversation"),
+    "align": StagePreset("plain", TrainSpec("full", "lora"), 2e-4, 2e-3),
+    "instruct": StagePreset("mistral_instruct", TrainSpec("full", "lora"), 2e-4, 2e-5),
+    "vqa": StagePreset("mistral_instruct", TrainSpec("full", "lora"), 2e-4, 2e-5),
 }

@@ -5,7 +5,7 @@ Per source (``DataConfig``), once: records are streamed from the file and checke
 reason), written to Arrow, then tokenized with ``Dataset.map(batched=True, num_proc=N)`` into a
 cache entry (:mod:`qlora_med.data.cache`). Later runs memory-map the entry: no record is held as a
 Python object, in the trainer or in its DataLoader workers, which decode images per batch
-(:class:`~qlora_med.data.dataset.VisionCollator`).
+(:class:`~qlora_med.data.collate.VisionCollator`).
 
 Mixing (``stage.data`` a list): source *i* with *n_i* usable samples and weight *w_i* contributes
 ``k_i = floor(w_i * n_i + 0.5)`` samples: every sample ``floor(k_i / n_i)`` times, plus

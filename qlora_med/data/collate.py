@@ -1,4 +1,4 @@
-"""Turn records into a tokenized ``datasets.Dataset`` and batches (images decoded lazily, per batch)."""
+"""Batches for training and evaluation: token ids and labels right-padded, images decoded and preprocessed per batch."""
 
 from __future__ import annotations
 

@@ -11,30 +11,28 @@ much of its compute on padding. :func:`pack_batch` turns a padded batch into one
 * no ``attention_mask``; ``pixel_values`` unchanged: LLaVA scatters image features into the image tokens in
   order, and the packed row keeps the samples (so their image tokens) in batch order.
 
-Keeping attention inside each sample depends on the attention backend (:func:`enable_padding_free`):
+Keeping attention inside each sample depends on the attention backend
+(:func:`qlora_med.patches.padding_free.enable_padding_free`):
 
 * ``flash_attention_2/3``: transformers calls flash-attn's varlen kernel with ``cu_seq_lens``;
-* ``sdpa``: the LLM is switched to :data:`PACKED_SDPA`, registered with transformers' ``AttentionInterface``:
-  one causal SDPA call per sample (Σ Lᵢ² work; attention forward + backward for 4 samples of 330-1024 tokens
-  measured 2.1x faster on a 2-core CPU than transformers' own packed path: one SDPA over the row with the T×T
-  block-diagonal mask it derives from the restarting ``position_ids``, which also needs ``use_cache=False``:
-  with a cache object the detection is skipped and samples attend to each other).
+* ``sdpa``: the LLM is switched to :data:`~qlora_med.patches.padding_free.PACKED_SDPA`, registered with
+  transformers' ``AttentionInterface``: one causal SDPA call per sample (Σ Lᵢ² work; attention forward +
+  backward for 4 samples of 330-1024 tokens measured 2.1x faster on a 2-core CPU than transformers' own packed
+  path: one SDPA over the row with the T×T block-diagonal mask it derives from the restarting ``position_ids``,
+  which also needs ``use_cache=False``: with a cache object the detection is skipped and samples attend to each
+  other).
   Without ``cu_seq_lens`` (evaluation, generation, padded batches) it is exactly transformers' ``sdpa``;
 * ``eager``: transformers' block-diagonal mask from ``position_ids`` (correct, slow).
 """
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from qlora_med.prompts.templates import IGNORE_INDEX
-
-logger = logging.getLogger(__name__)
-PACKED_KEYS = ("position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
 
 
 def pack_batch(batch: dict[str, Any]) -> dict[str, Any]:

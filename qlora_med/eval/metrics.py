@@ -9,7 +9,6 @@ second time internally. Every average is reported ×100; a metric with no questi
 from __future__ import annotations
 
 import json
-import logging
 import math
 import re
 import sys
@@ -21,8 +20,6 @@ from typing import Any
 
 from qlora_med.data.records import iter_json_objects
 from qlora_med.errors import DataError
-
-logger = logging.getLogger(__name__)
 
 PAPER_KEYS = (
     "exact match score", "f1 score", "precision", "recall",

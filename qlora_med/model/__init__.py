@@ -1,1 +1,1 @@
-"""model."""
+"""Building (tiny, composed) and loading (dtype, quantization, projector) LLaVA models."""

@@ -1,8 +1,11 @@
-"""Build, load and quantize the LLaVA model; set what a stage trains.
+"""Build the HF-format LLaVA directory a recipe's ``model:`` names: the tiny demo model, LLaVA-Med style
+composition, and their tokenizer / processor.
 
-Two ways in: an HF-format LLaVA directory, or LLaVA-Med style composition (CLIP dir + LLM dir +
-fresh projector), which is written once as an HF-format directory under ``model.cache_dir`` and
-then loaded through the same ``from_pretrained`` path as everything else.
+Three ways in (:func:`base_model_dir`): an HF-format LLaVA directory as it is; ``model.tiny`` (a tiny LLaVA built
+from config with the real Mistral tokenizer, :func:`build_tiny`); or composition (CLIP dir + LLM dir + fresh
+projector, :func:`compose`), written once under ``model.cache_dir``. Each is then loaded through the same
+``from_pretrained`` path (:mod:`qlora_med.model.load`). Building never changes the caller's global RNG state:
+random init runs under :func:`torch.random.fork_rng`.
 """
 
 from __future__ import annotations
@@ -20,9 +23,6 @@ from qlora_med.errors import ConfigError
 from qlora_med.io import atomic_dir
 
 logger = logging.getLogger(__name__)
-
-
-# ---------------------------------------------------------------- building model directories
 
 
 def mistral_tokenizer(out: Path):
@@ -80,27 +80,42 @@ def build_tiny(cfg: TinyModelConfig, out: Path, image_token: str = "<image>") ->
         add_llava_tokens(tokenizer, image_token)
         vocab = (len(tokenizer) + 63) // 64 * 64
         vision = CLIPVisionConfig(
-            hidden_size=cfg.vision_hidden, intermediate_size=cfg.vision_hidden * 4,
-            num_hidden_layers=cfg.vision_layers, num_attention_heads=cfg.vision_heads,
-            image_size=cfg.image_size, patch_size=cfg.patch_size, projection_dim=cfg.vision_hidden,
+            hidden_size=cfg.vision_hidden,
+            intermediate_size=cfg.vision_hidden * 4,
+            num_hidden_layers=cfg.vision_layers,
+            num_attention_heads=cfg.vision_heads,
+            image_size=cfg.image_size,
+            patch_size=cfg.patch_size,
+            projection_dim=cfg.vision_hidden,
         )
         text = MistralConfig(
-            vocab_size=vocab, hidden_size=cfg.text_hidden, intermediate_size=cfg.text_intermediate,
-            num_hidden_layers=cfg.text_layers, num_attention_heads=cfg.text_heads,
-            num_key_value_heads=cfg.text_kv_heads, max_position_embeddings=4096, sliding_window=None,
-            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False,
+            vocab_size=vocab,
+            hidden_size=cfg.text_hidden,
+            intermediate_size=cfg.text_intermediate,
+            num_hidden_layers=cfg.text_layers,
+            num_attention_heads=cfg.text_heads,
+            num_key_value_heads=cfg.text_kv_heads,
+            max_position_embeddings=4096,
+            sliding_window=None,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            tie_word_embeddings=False,
         )
         config = LlavaConfig(
-            vision_config=vision, text_config=text, projector_hidden_act="gelu", vision_feature_layer=-2,
+            vision_config=vision,
+            text_config=text,
+            projector_hidden_act="gelu",
+            vision_feature_layer=-2,
             vision_feature_select_strategy="default",
             image_token_index=tokenizer.convert_tokens_to_ids(image_token),
         )
-        torch.manual_seed(cfg.seed)
-        model = LlavaForConditionalGeneration(config)
-        # A random lm_head with the usual 0.02 init caps every logit below ~1 after the final norm,
-        # so a frozen head could barely fit anything; pretrained heads have far larger logits.
-        torch.nn.init.normal_(model.lm_head.weight, std=cfg.lm_head_std)
+        with torch.random.fork_rng(devices=[]):  # seeded init; the caller's RNG (e.g. set_seed) is kept
+            torch.manual_seed(cfg.seed)
+            model = LlavaForConditionalGeneration(config)
+            # A random lm_head with the usual 0.02 init caps every logit below ~1 after the final norm,
+            # so a frozen head could barely fit anything; pretrained heads have far larger logits.
+            torch.nn.init.normal_(model.lm_head.weight, std=cfg.lm_head_std)
         model.save_pretrained(tmp)
         make_processor(tokenizer, cfg.image_size, cfg.patch_size, image_token).save_pretrained(tmp)
     logger.info("built tiny LLaVA in %s", out)
@@ -119,12 +134,21 @@ def compose(cfg: ModelConfig) -> Path:
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
     from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 
-    key = json.dumps([str(Path(cfg.vision_tower).resolve()), str(Path(cfg.llm).resolve()),
-                      cfg.projector_type, cfg.vision_feature_layer, cfg.image_token])
+    key = json.dumps(
+        [
+            str(Path(cfg.vision_tower).resolve()),
+            str(Path(cfg.llm).resolve()),
+            cfg.projector_type,
+            cfg.vision_feature_layer,
+            cfg.image_token,
+        ]
+    )
     out = Path(cfg.cache_dir) / "composed" / hashlib.sha256(key.encode()).hexdigest()[:16]
     if (out / "config.json").is_file():
         return out
-    logger.info("composing %s + %s + fresh %s projector into %s", cfg.vision_tower, cfg.llm, cfg.projector_type, out)
+    logger.info(
+        "composing %s + %s + fresh %s projector into %s", cfg.vision_tower, cfg.llm, cfg.projector_type, out
+    )
     vision = CLIPVisionModel.from_pretrained(cfg.vision_tower, dtype="auto")
     llm = AutoModelForCausalLM.from_pretrained(cfg.llm, dtype="auto")
     tokenizer = AutoTokenizer.from_pretrained(cfg.llm)
@@ -133,9 +157,11 @@ def compose(cfg: ModelConfig) -> Path:
         llm.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64)
     llm.config.pad_token_id = tokenizer.pad_token_id
     config = LlavaConfig(
-        vision_config=vision.config, text_config=llm.config,
+        vision_config=vision.config,
+        text_config=llm.config,
         projector_hidden_act="gelu" if cfg.projector_type == "mlp2x_gelu" else "linear",
-        vision_feature_layer=cfg.vision_feature_layer, vision_feature_select_strategy="default",
+        vision_feature_layer=cfg.vision_feature_layer,
+        vision_feature_select_strategy="default",
         image_token_index=tokenizer.convert_tokens_to_ids(cfg.image_token),
     )
     with torch.device("meta"):
@@ -143,16 +169,20 @@ def compose(cfg: ModelConfig) -> Path:
     llava.model.vision_tower = vision
     llava.model.language_model = llm.model
     llava.lm_head = llm.lm_head
-    projector = LlavaMultiModalProjector(config).to(llm.dtype)
-    _init_projector(projector, cfg.projector_type)
+    with torch.random.fork_rng(devices=[]):  # the caller's RNG is kept
+        projector = LlavaMultiModalProjector(config).to(llm.dtype)
+        _init_projector(projector, cfg.projector_type)
     llava.model.multi_modal_projector = projector
     try:
         image_processor = CLIPImageProcessorPil.from_pretrained(cfg.vision_tower)
     except OSError:
         size = vision.config.image_size
-        image_processor = CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
-    processor = make_processor(tokenizer, vision.config.image_size, vision.config.patch_size, cfg.image_token,
-                               image_processor)
+        image_processor = CLIPImageProcessorPil(
+            size={"shortest_edge": size}, crop_size={"height": size, "width": size}
+        )
+    processor = make_processor(
+        tokenizer, vision.config.image_size, vision.config.patch_size, cfg.image_token, image_processor
+    )
     with atomic_dir(out) as tmp:
         llava.save_pretrained(tmp)
         processor.save_pretrained(tmp)

@@ -1,4 +1,7 @@
-"""Atomic writes and the trainable state of a stage (adapter + projector), never the frozen base."""
+"""Load a LLaVA for training or inference: the dtype table (:data:`DTYPES`), the compute dtype, the
+quantization config (and the modules it skips), :func:`load_model`, the projector, image tokens per image and
+the LoRA target regex.
+"""
 
 from __future__ import annotations
 
@@ -12,28 +15,9 @@ from qlora_med.config.schema import LoraConfig, ModelConfig
 
 logger = logging.getLogger(__name__)
 
-
-def projector_module(model: torch.nn.Module) -> torch.nn.Module:
-    """The LLaVA projector inside a (possibly PEFT-wrapped) model."""
-    for name, module in model.named_modules():
-        if name.endswith("multi_modal_projector"):
-            return module
-    raise ValueError("model has no multi_modal_projector")
-
-logger = logging.getLogger(__name__)
-
-
-def num_image_tokens(model_config) -> int:
-    """Image tokens per image for a CLIP tower with the 'default' strategy (CLS dropped)."""
-    vision = model_config.vision_config
-    n = (vision.image_size // vision.patch_size) ** 2
-    return n + (1 if model_config.vision_feature_select_strategy == "full" else 0)
-
-logger = logging.getLogger(__name__)
-
 # Full module paths: with transformers 5 bare names ("multi_modal_projector") do not stop quantization.
 QUANT_SKIP_MODULES = ["model.vision_tower", "model.multi_modal_projector", "lm_head"]
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}  # recipe / CLI names
 
 
 def cpu_has_native_bf16() -> bool:
@@ -48,31 +32,16 @@ def cpu_has_native_bf16() -> bool:
 def resolve_compute_dtype(name: str) -> torch.dtype:
     """``auto``: bf16 on GPUs that support it (else fp16), fp32 on CPUs without native bf16."""
     if name != "auto":
-        return _DTYPES[name]
+        return DTYPES[name]
     if torch.cuda.is_available():
         dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         logger.info("compute dtype: %s (CUDA device %s)", dtype, torch.cuda.get_device_name())
         return dtype
     dtype = torch.bfloat16 if cpu_has_native_bf16() else torch.float32
-    logger.info("compute dtype: %s (CPU %s native bf16)", dtype, "with" if dtype == torch.bfloat16 else "without")
+    logger.info(
+        "compute dtype: %s (CPU %s native bf16)", dtype, "with" if dtype == torch.bfloat16 else "without"
+    )
     return dtype
-
-
-def resolve_attn_implementation(name: str) -> str:
-    """``auto``: flash_attention_2 when flash-attn imports on CUDA, else sdpa. Logs the path taken."""
-    if name != "auto":
-        return name
-    if torch.cuda.is_available():
-        try:
-            import flash_attn  # noqa: F401
-
-            logger.info("attention: flash_attention_2 (flash-attn installed)")
-            return "flash_attention_2"
-        except ImportError:
-            logger.info("attention: sdpa (flash-attn not installed; `pip install qlora-med[cuda]` to enable)")
-    else:
-        logger.info("attention: sdpa (no CUDA device)")
-    return "sdpa"
 
 
 def _under_fsdp() -> bool:
@@ -98,9 +67,6 @@ def quantization_config(cfg: ModelConfig, compute_dtype: torch.dtype):
     )
 
 
-# ---------------------------------------------------------------- loading
-
-
 def _cast_input_to_weight(module: torch.nn.Module, args: tuple) -> tuple:
     """Projector pre-hook: full-precision projector fed by a half-precision vision tower."""
     weight = module.linear_1.weight
@@ -108,16 +74,27 @@ def _cast_input_to_weight(module: torch.nn.Module, args: tuple) -> tuple:
 
 
 def load_model(cfg: ModelConfig, base_dir: Path, compute_dtype: torch.dtype, device_map=None):
-    """Load the LLaVA with the LLM quantized as configured; the projector is kept in fp32."""
+    """Load the LLaVA with the LLM quantized as configured; the projector is kept in fp32. The attention
+    implementation is the one :func:`qlora_med.patches.select.resolve_attn_implementation` picks."""
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
+    from qlora_med.patches import bnb_cpu
+    from qlora_med.patches.select import resolve_attn_implementation  # here: it imports Triton, bitsandbytes
+
     quant = quantization_config(cfg, compute_dtype)
+    if quant is not None:
+        bnb_cpu.install()
     if device_map is None and torch.cuda.is_available() and not _under_fsdp():  # FSDP places shards itself
         device_map = {"": torch.cuda.current_device()}
     model = LlavaForConditionalGeneration.from_pretrained(
-        base_dir, quantization_config=quant, dtype=compute_dtype, device_map=device_map,
+        base_dir,
+        quantization_config=quant,
+        dtype=compute_dtype,
+        device_map=device_map,
         attn_implementation=resolve_attn_implementation(cfg.attn_implementation),
     )
+    if quant is not None:
+        bnb_cpu.keep_training_numerics(model)
     projector = projector_module(model)
     projector.float()
     projector.register_forward_pre_hook(_cast_input_to_weight)
@@ -125,6 +102,21 @@ def load_model(cfg: ModelConfig, base_dir: Path, compute_dtype: torch.dtype, dev
     processor = AutoProcessor.from_pretrained(base_dir)
     logger.info("loaded %s (LLM: %s, compute %s)", base_dir, cfg.quantization, compute_dtype)
     return model, processor
+
+
+def projector_module(model: torch.nn.Module) -> torch.nn.Module:
+    """The LLaVA projector inside a (possibly PEFT-wrapped) model."""
+    for name, module in model.named_modules():
+        if name.endswith("multi_modal_projector"):
+            return module
+    raise ValueError("model has no multi_modal_projector")
+
+
+def num_image_tokens(model_config) -> int:
+    """Image tokens per image for a CLIP tower with the 'default' strategy (CLS dropped)."""
+    vision = model_config.vision_config
+    n = (vision.image_size // vision.patch_size) ** 2
+    return n + (1 if model_config.vision_feature_select_strategy == "full" else 0)
 
 
 def lora_target_regex(lora: LoraConfig) -> str:

@@ -1,12 +1,12 @@
-"""Swap fused kernels into one model instance, each patch undoable.
+"""The causal-LM loss from hidden states and the LM head's weight: the [tokens, vocab] logits never exist.
 
-* :func:`patch_nf4_lora` - every PEFT ``lora.Linear4bit`` (NF4) runs the fused NF4 + LoRA function.
-* :func:`chunked_causal_lm_loss` - the causal-LM loss from the backbone's hidden states and the LM
-  head's weight with the chunked linear cross-entropy: the [tokens, vocab] logits never exist.
-* :func:`patch_causal_lm_loss` - the same, behind the instance's own ``forward`` (for wrappers such as
-  DDP that must see ``model(**inputs)``).
+* :func:`chunked_causal_lm_loss` - the loss of a batch with ``labels``: the backbone's hidden states, then
+  :func:`qlora_med.kernels.linear_ce.linear_cross_entropy` with ``lm_head.weight``;
+* :func:`patch_causal_lm_loss` - the same behind the instance's own ``forward`` (so wrappers such as DDP still
+  see ``model(**inputs)``); it returns ``logits=None``. Undo: ``handle.undo()`` removes the instance forward.
 
-Only instance attributes are set (``module.forward``); classes and modules stay untouched.
+Both take the linear-CE backend (``torch`` or ``liger``) and chunk size as given; what a recipe's ``auto``
+means is decided in :mod:`qlora_med.patches.select`.
 """
 
 from __future__ import annotations
@@ -25,9 +25,6 @@ logger = logging.getLogger(__name__)
 
 # Keys a trainer may put into a batch that the backbone's forward does not take.
 NON_MODEL_KEYS = ("labels", "num_items_in_batch", "logits_to_keep", "completion_mask", "assistant_masks")
-
-
-# ----------------------------------------------------------------------------- chunked LM loss
 
 
 def lm_backbone_and_head(model: nn.Module) -> tuple[nn.Module, nn.Linear]:
@@ -77,7 +74,7 @@ def chunked_causal_lm_loss(
     num_items_in_batch: int | torch.Tensor | None = None,
     *,
     chunk_size: int | None = None,
-    backend: str = "auto",
+    backend: str = "torch",
 ) -> torch.Tensor:
     """Causal-LM loss of ``model`` on ``inputs`` (a batch with ``labels``) without materialising logits.
 
@@ -91,7 +88,7 @@ def chunked_causal_lm_loss(
 
 
 def patch_causal_lm_loss(
-    model: nn.Module, *, chunk_size: int | None = None, backend: str = "auto"
+    model: nn.Module, *, chunk_size: int | None = None, backend: str = "torch"
 ) -> PatchHandle:
     """Make ``model(**inputs)`` with ``labels`` return the chunked loss and ``logits=None``.
 
@@ -115,5 +112,5 @@ def patch_causal_lm_loss(
         )
 
     set_instance_forward(handle, type(inner).__name__, inner, forward)
-    logger.info("chunked linear-CE loss patched into %s.forward", type(inner).__name__)
+    logger.info("chunked linear-CE loss (%s backend) patched into %s.forward", backend, type(inner).__name__)
     return handle

@@ -1,12 +1,8 @@
-"""Swap fused kernels into one model instance, each patch undoable.
+"""How a patch is recorded and undone: :class:`PatchHandle`, :func:`set_instance_forward`, :func:`unwrap_model`.
 
-* :func:`patch_nf4_lora` - every PEFT ``lora.Linear4bit`` (NF4) runs the fused NF4 + LoRA function.
-* :func:`chunked_causal_lm_loss` - the causal-LM loss from the backbone's hidden states and the LM
-  head's weight with the chunked linear cross-entropy: the [tokens, vocab] logits never exist.
-* :func:`patch_causal_lm_loss` - the same, behind the instance's own ``forward`` (for wrappers such as
-  DDP that must see ``model(**inputs)``).
-
-Only instance attributes are set (``module.forward``); classes and modules stay untouched.
+Every patch in ``qlora_med.patches`` changes one model *instance* (``module.__dict__["forward"]``, a config
+attribute), never a class or a module, and returns a :class:`PatchHandle`; ``handle.undo()`` (or leaving
+``with handle:``) puts back exactly what was there.
 """
 
 from __future__ import annotations

@@ -12,8 +12,8 @@ every Mistral built or run afterwards (a reference model, an eval copy) silently
   that module's instance ``forward``; gradient-checkpoint recomputation goes through the same forward)
   and the original function otherwise. The original is put back when the last handle is undone.
 
-Mode ``auto`` turns the kernels on only where Triton can compile them (CUDA available); ``on`` insists
-(error without CUDA, unless ``TRITON_INTERPRET=1``); ``off`` does nothing. The chosen path is logged.
+Undo: ``handle.undo()`` removes the instance forwards (and the dispatcher, with the last handle). Whether
+Liger runs at all (a recipe's ``liger: auto|on|off``) is decided in :func:`qlora_med.patches.select.resolve_liger`.
 """
 
 from __future__ import annotations
@@ -27,12 +27,10 @@ import torch
 from torch import nn
 
 from qlora_med.errors import ConfigError
-from qlora_med.kernels.nf4_lora import interpreter_enabled
 from qlora_med.patches.handle import PatchHandle, set_instance_forward, unwrap_model
 
 logger = logging.getLogger(__name__)
 
-MODES = ("auto", "on", "off")
 SUPPORTED_MODEL_TYPES = ("llama", "mistral")  # RMSNorm (llama casting), SwiGLU MLP, standard RoPE
 
 _ROPE_ON: contextvars.ContextVar[bool] = contextvars.ContextVar("qlora_med_liger_rope", default=False)
@@ -109,35 +107,21 @@ def _rope_forward(original: Callable) -> Callable:
     return forward
 
 
-def _resolve_mode(mode: str) -> tuple[bool, str]:
-    if mode not in MODES:
-        raise ConfigError(f"liger mode must be one of {MODES}, got {mode!r}")
-    if mode == "off":
-        return False, "mode=off"
-    if torch.cuda.is_available():
-        return True, f"mode={mode}, CUDA available"
-    if mode == "on":
-        if interpreter_enabled():
-            return True, "mode=on, Triton interpreter (CPU, slow: tests only)"
-        raise ConfigError(
-            "liger mode 'on' needs a CUDA GPU (Triton cannot compile here); use 'auto' or 'off'"
-        )
-    return False, "mode=auto, no CUDA: Triton cannot compile here, PyTorch ops kept"
-
-
 def apply_liger_kernels(
-    model: nn.Module, mode: str = "auto", *, rms_norm: bool = True, rope: bool = True, swiglu: bool = True
+    model: nn.Module,
+    *,
+    required: bool = False,
+    rms_norm: bool = True,
+    rope: bool = True,
+    swiglu: bool = True,
 ) -> PatchHandle:
     """Put Liger's RMSNorm / RoPE / SwiGLU into the LLM of ``model`` (this instance only); returns a handle
-    whose ``undo()`` restores it. Vision tower and projector are left alone."""
+    whose ``undo()`` restores it. Vision tower and projector are left alone. Without a supported LLM:
+    nothing is patched (a warning), or a ConfigError when ``required`` (``liger: on``)."""
     handle = PatchHandle("Liger kernels")
-    enabled, why = _resolve_mode(mode)
-    if not enabled:
-        logger.info("Liger kernels off (%s)", why)
-        return handle
     llm = find_llm(model)
     if llm is None:
-        if mode == "on":
+        if required:
             raise ConfigError(
                 f"liger mode 'on': no supported LLM ({', '.join(SUPPORTED_MODEL_TYPES)}) in the model"
             )
@@ -166,9 +150,8 @@ def apply_liger_kernels(
             set_instance_forward(handle, name, module, _rope_forward(module.forward))
             counts["RoPE"] += 1
     logger.info(
-        "Liger kernels on for the %s LLM (%s): %s",
+        "Liger kernels on for the %s LLM: %s",
         llm.config.model_type,
-        why,
         ", ".join(f"{n} x{c}" for n, c in counts.items() if c) or "nothing matched",
     )
     return handle

@@ -1,12 +1,9 @@
-"""Swap fused kernels into one model instance, each patch undoable.
+"""The fused NF4 + LoRA forward in every PEFT ``lora.Linear4bit`` (NF4 base) of one model instance.
 
-* :func:`patch_nf4_lora` - every PEFT ``lora.Linear4bit`` (NF4) runs the fused NF4 + LoRA function.
-* :func:`chunked_causal_lm_loss` - the causal-LM loss from the backbone's hidden states and the LM
-  head's weight with the chunked linear cross-entropy: the [tokens, vocab] logits never exist.
-* :func:`patch_causal_lm_loss` - the same, behind the instance's own ``forward`` (for wrappers such as
-  DDP that must see ``model(**inputs)``).
-
-Only instance attributes are set (``module.forward``); classes and modules stay untouched.
+Patches: each such module's instance ``forward`` (:func:`patch_nf4_lora`), calling
+:func:`qlora_med.kernels.nf4_lora.nf4_lora_linear` with the backend it is given (``triton`` or ``torch``;
+chosen by :func:`qlora_med.patches.select.resolve_nf4_lora`). Calls the fused path can't serve fall back to
+PEFT's forward at call time. Undo: ``handle.undo()`` removes the instance forwards.
 """
 
 from __future__ import annotations
@@ -18,13 +15,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from qlora_med.kernels.nf4_lora import NF4Weight, nf4_lora_linear, resolve_backend
+from qlora_med.kernels.nf4_lora import NF4Weight, check_backend, nf4_lora_linear
 from qlora_med.patches.handle import PatchHandle, set_instance_forward
 
 logger = logging.getLogger(__name__)
-
-
-# ----------------------------------------------------------------------------- NF4 + LoRA
 
 
 def _lora4bit_class() -> type | None:
@@ -84,12 +78,12 @@ def _make_fused_forward(module: nn.Module, original: Callable, backend: str) -> 
     return forward
 
 
-def patch_nf4_lora(model: nn.Module, backend: str = "auto") -> PatchHandle:
+def patch_nf4_lora(model: nn.Module, backend: str) -> PatchHandle:
     """Route every PEFT ``lora.Linear4bit`` (NF4 base) in ``model`` through the fused NF4 + LoRA function.
 
     Calls the fused path can't serve (disabled/merged/multiple adapters, DoRA, ``adapter_names``) fall
-    back to PEFT's forward at call time. ``backend``: ``auto`` (Triton on CUDA, else the PyTorch
-    fallback of the same autograd function), ``triton`` or ``torch``.
+    back to PEFT's forward at call time. ``backend``: ``triton`` or ``torch`` (the PyTorch backend of the
+    same autograd function).
     """
     handle = PatchHandle("fused NF4+LoRA forward")
     cls = _lora4bit_class()
@@ -97,7 +91,7 @@ def patch_nf4_lora(model: nn.Module, backend: str = "auto") -> PatchHandle:
         logger.warning("fused NF4+LoRA: peft/bitsandbytes 4-bit support missing; nothing patched")
         return handle
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    resolved = resolve_backend(backend, device)
+    check_backend(backend, device)
     skipped = 0
     for name, module in model.named_modules():
         if not isinstance(module, cls):
@@ -110,8 +104,8 @@ def patch_nf4_lora(model: nn.Module, backend: str = "auto") -> PatchHandle:
     logger.info(
         "fused NF4+LoRA forward on %d modules (backend %s%s)%s",
         len(handle),
-        resolved,
-        " under the Triton interpreter" if resolved == "triton" and device.type != "cuda" else "",
+        backend,
+        " under the Triton interpreter" if backend == "triton" and device.type != "cuda" else "",
         f"; {skipped} non-NF4 modules left as they were" if skipped else "",
     )
     return handle

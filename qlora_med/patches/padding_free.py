@@ -1,26 +1,22 @@
-"""Padding-free batches for LLaVA: a micro-batch packed into one row, attention kept within each sample.
+"""Attention kept within each sample of a packed (padding-free) row, for the LLM of one model instance.
 
-Captions and conversations vary widely in length (plus 256+ image tokens each), so a padded micro-batch spends
-much of its compute on padding. :func:`pack_batch` turns a padded batch into one row of only the real tokens:
+A packed row (:func:`qlora_med.data.packing.pack_batch`) carries the sample boundaries as ``cu_seq_lens_q/k``
+and ``position_ids`` restarting at 0 per sample. What keeps attention inside each sample depends on the LLM's
+attention implementation:
 
-* ``input_ids`` / ``labels`` [1, T] with T = Σ lengths; each sample's first label is set to -100 so the last
-  token of one sample never learns to predict the next sample (in a padded batch it predicts padding, -100);
-* ``position_ids`` [1, T] restarting at 0 per sample (RoPE sees the same positions as in the padded batch);
-* ``cu_seq_lens_q/k`` (int32 [n + 1]) and ``max_length_q/k``: the sample boundaries, as flash-attn's varlen
-  API and transformers' ``FlashAttentionKwargs`` name them;
-* no ``attention_mask``; ``pixel_values`` unchanged: LLaVA scatters image features into the image tokens in
-  order, and the packed row keeps the samples (so their image tokens) in batch order.
+* ``flash_attention_2/3``: transformers calls flash-attn's varlen kernel with ``cu_seq_lens`` (nothing patched);
+* ``sdpa``: :func:`enable_padding_free` switches the LLM's ``text_config._attn_implementation`` to
+  :data:`PACKED_SDPA`, registered with transformers' ``AttentionInterface``: one causal SDPA call per sample
+  (Σ Lᵢ² work; attention forward + backward for 4 samples of 330-1024 tokens measured 2.1x faster on a 2-core
+  CPU than transformers' own packed path: one SDPA over the row with the T×T block-diagonal mask it derives
+  from the restarting ``position_ids``, which also needs ``use_cache=False``: with a cache object the
+  detection is skipped and samples attend to each other). Without ``cu_seq_lens`` (evaluation, generation,
+  padded batches) it is exactly transformers' ``sdpa``;
+* ``eager``: transformers' block-diagonal mask from ``position_ids`` (correct, slow; nothing patched).
 
-Keeping attention inside each sample depends on the attention backend (:func:`enable_padding_free`):
-
-* ``flash_attention_2/3``: transformers calls flash-attn's varlen kernel with ``cu_seq_lens``;
-* ``sdpa``: the LLM is switched to :data:`PACKED_SDPA`, registered with transformers' ``AttentionInterface``:
-  one causal SDPA call per sample (Σ Lᵢ² work; attention forward + backward for 4 samples of 330-1024 tokens
-  measured 2.1x faster on a 2-core CPU than transformers' own packed path: one SDPA over the row with the T×T
-  block-diagonal mask it derives from the restarting ``position_ids``, which also needs ``use_cache=False``:
-  with a cache object the detection is skipped and samples attend to each other).
-  Without ``cu_seq_lens`` (evaluation, generation, padded batches) it is exactly transformers' ``sdpa``;
-* ``eager``: transformers' block-diagonal mask from ``position_ids`` (correct, slow).
+Undo: ``handle.undo()`` switches the config back (the registration is global by name only: no model uses it
+unless switched to it). Whether a stage packs (``padding_free``) and which of these paths runs is resolved and
+logged by :func:`qlora_med.patches.select.resolve_padding_free`.
 """
 
 from __future__ import annotations
@@ -37,9 +33,6 @@ from qlora_med.patches.handle import PatchHandle, unwrap_model
 logger = logging.getLogger(__name__)
 
 PACKED_SDPA = "qlora_med_packed_sdpa"
-
-
-# ----------------------------------------------------------------------------- attention
 
 
 def packed_sdpa_attention(
@@ -106,7 +99,7 @@ def enable_padding_free(model: nn.Module) -> PatchHandle:
     """Make the LLM of ``model`` keep attention within each sample of a packed row; ``undo()`` restores it.
 
     With ``sdpa`` the LLM's config switches to :data:`PACKED_SDPA` (vision tower untouched); flash-attn and eager
-    need nothing. Logs which path runs.
+    need nothing (the handle is empty).
     """
     inner = unwrap_model(model)
     text_config = inner.config.get_text_config()
@@ -121,13 +114,5 @@ def enable_padding_free(model: nn.Module) -> PatchHandle:
 
         handle.targets.append(f"{type(inner).__name__}.text_config")
         handle._restores.append(restore)
-        logger.info("padding-free batches: packed rows, one causal SDPA call per sample (%s)", PACKED_SDPA)
-    elif impl in (PACKED_SDPA,) or str(impl).startswith("flash_attention"):
-        logger.info("padding-free batches: packed rows, %s varlen attention over cu_seq_lens", impl)
-    else:
-        logger.warning(
-            "padding-free batches with %s attention: transformers builds a T x T block-diagonal mask from "
-            "position_ids (correct but slow); use attn_implementation sdpa or flash_attention_2",
-            impl,
-        )
+        logger.debug("%s: attention sdpa -> %s", type(inner).__name__, PACKED_SDPA)
     return handle

@@ -1,19 +1,34 @@
-"""Resolve a recipe's ``kernels:`` (and a stage's ``padding_free``) for this device and apply them to the model.
+"""The one kernel switch: every ``auto``/``on``/``off`` of a recipe's ``kernels:``, of
+``model.attn_implementation`` and a stage's ``padding_free`` is resolved here for this device (one
+resolver per switch, each logging the path taken); :func:`apply_kernels` applies the result to a model.
 
-What ``auto`` means, and why (measured on a 2-core CPU, AVX2, fp32 compute; ``qlora-med bench``):
+What ``auto`` means, and why (measured on a 2-core CPU, AVX2, fp32 compute; ``qlora-med bench``)::
 
-* ``liger``: on with CUDA; off on CPU (Triton cannot compile there).
-* ``nf4_lora``: on everywhere. CUDA: the Triton kernel (not yet benchmarked on a GPU). CPU: the same autograd
-  function with bitsandbytes' dequantize + torch matmul: speed level with PEFT's ``Linear4bit`` (MLP block
-  microbenchmark 3-12% faster; in ``qlora-med bench`` 0.94-1.18x, within run-to-run noise) and PEFT's path
-  needs 1.3-1.6x the kit's peak training memory there, so it is on by default on CPU too.
-* ``loss``: ``chunked`` on CPU: only labelled tokens reach the LM head and the [tokens, vocab] logits never
-  exist (bench: 1.3x the throughput of full logits at 0.46x the memory). TRL's fused head scores every position
-  off-GPU, image and prompt tokens included: 0.53x the chunked throughput at 3.5x the memory on CPU. ``trl`` on
-  CUDA: its Triton path scores labelled tokens only and keeps the entropy / token-accuracy metrics.
-* ``chunk_size`` (chunked loss, PyTorch backend): rows for ~64 MiB of fp32 logits per chunk (523 rows at a
-  32k vocabulary). Against the kernel's 256 MiB default: 2% slower at 1,500 labelled rows x H 512, and ~100 MiB
-  (10%) less peak training memory for the kit in ``qlora-med bench``.
+    switch       | auto means                          | why, measured
+    -------------+-------------------------------------+------------------------------------------------------
+    liger        | on with CUDA, off on CPU            | Triton cannot compile on CPU (mode on: an error
+                 |                                     | there, except under TRITON_INTERPRET=1)
+    nf4_lora     | on: triton backend on CUDA (and     | CPU: level with PEFT's Linear4bit (MLP block 3-12%
+                 | under the interpreter), torch       | faster, bench 0.94-1.18x: noise) and PEFT needs
+                 | on CPU                              | 1.3-1.6x the kit's peak training memory. CUDA: not
+                 |                                     | benchmarked on a GPU yet
+    loss         | chunked on CPU, trl on CUDA         | chunked: labelled tokens only, no [tokens, vocab]
+                 |                                     | logits: 1.3x full logits' throughput at 0.46x the
+                 |                                     | memory; TRL's head scores every position off-GPU:
+                 |                                     | 0.53x chunked's throughput at 3.5x the memory. On
+                 |                                     | CUDA TRL's Triton path scores labelled tokens only
+                 |                                     | and keeps its entropy / accuracy metrics
+    loss backend | (chunked loss) liger on CUDA,       | Liger's fused linear-CE is Triton
+                 | torch elsewhere                     |
+    chunk_size   | rows for ~64 MiB of fp32 logits     | vs 256 MiB: 2% slower at 1,500 labelled rows x H 512,
+                 | (kernels.linear_ce.CHUNK_BYTES; 523 | ~100 MiB (10%) less peak training memory
+                 | rows at a 32k vocabulary)           |
+    attention    | flash_attention_2 if flash-attn     | flash-attn's varlen kernel also serves packed rows
+                 | imports on CUDA, else sdpa          |
+    padding_free | (a bool) sdpa: one causal SDPA call | per-sample SDPA: 2.1x faster than that mask (fwd +
+                 | per sample; flash-attn: varlen;     | bwd, 4 samples of 330-1024 tokens)
+                 | eager: transformers' T x T mask     |
+                 | (warned)                            |
 
 Apply after ``setup_trainable`` (adapters exist) and before the trainer is built (TRL wraps the patched
 forward with its own fused head).
@@ -28,41 +43,126 @@ import torch
 from torch import nn
 
 from qlora_med.config.schema import KernelsConfig
-from qlora_med.kernels.nf4_lora import resolve_backend
+from qlora_med.errors import ConfigError
+from qlora_med.kernels.linear_ce import CHUNK_BYTES, default_chunk_size
+from qlora_med.kernels.nf4_lora import interpreter_enabled
 from qlora_med.patches.chunked_loss import patch_causal_lm_loss
 from qlora_med.patches.handle import PatchHandle, unwrap_model
 from qlora_med.patches.liger import apply_liger_kernels
 from qlora_med.patches.nf4_lora import patch_nf4_lora
-from qlora_med.patches.padding_free import enable_padding_free
+from qlora_med.patches.padding_free import PACKED_SDPA, enable_padding_free
 
 logger = logging.getLogger(__name__)
 
+LIGER_MODES = ("auto", "on", "off")
 LOSS_WITHOUT_METRICS = ("chunked",)
-CHUNK_BYTES = 64 * 2**20
 
 
 def model_device(model: nn.Module) -> torch.device:
     return next((p.device for p in model.parameters()), torch.device("cpu"))
 
 
-def resolve_loss(mode: str, device: torch.device) -> str:
-    """``auto`` -> ``chunked`` on CPU, ``trl`` on CUDA; other modes as given."""
-    if mode == "auto":
-        return "trl" if device.type == "cuda" else "chunked"
-    return mode
+def resolve_liger(mode: str) -> bool:
+    """Whether Liger's kernels go into the LLM: ``auto`` where Triton compiles (CUDA); ``on`` insists."""
+    if mode not in LIGER_MODES:
+        raise ConfigError(f"liger mode must be one of {LIGER_MODES}, got {mode!r}")
+    if mode == "off":
+        enabled, why = False, "mode=off"
+    elif torch.cuda.is_available():
+        enabled, why = True, f"mode={mode}, CUDA available"
+    elif mode == "on":
+        if not interpreter_enabled():
+            raise ConfigError(
+                "liger mode 'on' needs a CUDA GPU (Triton cannot compile here); use 'auto' or 'off'"
+            )
+        enabled, why = True, "mode=on, Triton interpreter (CPU, slow: tests only)"
+    else:
+        enabled, why = False, "mode=auto, no CUDA: Triton cannot compile here, PyTorch ops kept"
+    logger.info("Liger kernels %s (%s)", "on" if enabled else "off", why)
+    return enabled
 
 
 def resolve_nf4_lora(mode: str, device: torch.device) -> str | None:
-    """Backend of the fused NF4+LoRA function (``triton`` on CUDA, ``torch`` on CPU), or None when off."""
+    """Backend of the fused NF4+LoRA function (``triton`` on CUDA or under the interpreter, ``torch`` on CPU),
+    or None when off (PEFT's ``Linear4bit`` forward)."""
     if mode == "off":
+        backend, why = None, "mode=off, PEFT Linear4bit"
+    elif device.type == "cuda":
+        backend, why = "triton", f"mode={mode}, CUDA"
+    elif interpreter_enabled():
+        backend, why = "triton", f"mode={mode}, Triton interpreter (CPU, slow: tests only)"
+    else:
+        backend, why = "torch", f"mode={mode}, no CUDA: the same autograd function with a PyTorch matmul"
+    logger.info("fused NF4+LoRA %s (%s)", backend or "off", why)
+    return backend
+
+
+def resolve_loss(mode: str, device: torch.device) -> str:
+    """``auto`` -> ``chunked`` on CPU, ``trl`` on CUDA; other modes as given."""
+    loss = mode
+    if mode == "auto":
+        loss = "trl" if device.type == "cuda" else "chunked"
+    logger.info("loss %s (mode=%s%s)", loss, mode, f", {device.type}" if mode == "auto" else "")
+    return loss
+
+
+def resolve_loss_backend(device: torch.device) -> str:
+    """Linear-CE backend of the chunked loss: ``liger`` (Triton) on CUDA, ``torch`` elsewhere."""
+    backend = "liger" if device.type == "cuda" else "torch"
+    logger.info("chunked loss: %s linear-CE backend (%s)", backend, device.type)
+    return backend
+
+
+def resolve_chunk_size(chunk_size: int | None, model: nn.Module) -> int:
+    """``kernels.chunk_size``, or rows for ~:data:`CHUNK_BYTES` of fp32 logits at the model's vocabulary."""
+    if chunk_size is not None:
+        logger.info("chunked loss: %d rows per chunk (kernels.chunk_size)", chunk_size)
+        return chunk_size
+    vocab = unwrap_model(model).get_output_embeddings().weight.shape[0]
+    rows = default_chunk_size(vocab)
+    logger.info(
+        "chunked loss: %d rows per chunk (~%d MiB of fp32 logits, vocab %d)", rows, CHUNK_BYTES >> 20, vocab
+    )
+    return rows
+
+
+def resolve_attn_implementation(name: str) -> str:
+    """``auto``: flash_attention_2 when flash-attn imports on CUDA, else sdpa. Logs the path taken."""
+    if name != "auto":
+        return name
+    if torch.cuda.is_available():
+        try:
+            import flash_attn  # noqa: F401
+
+            logger.info("attention: flash_attention_2 (flash-attn installed)")
+            return "flash_attention_2"
+        except ImportError:
+            logger.info("attention: sdpa (flash-attn not installed; `pip install qlora-med[cuda]` to enable)")
+    else:
+        logger.info("attention: sdpa (no CUDA device)")
+    return "sdpa"
+
+
+def resolve_padding_free(enabled: bool, model: nn.Module) -> str | None:
+    """How packed rows keep attention within each sample under the LLM's attention (None when off):
+    ``packed_sdpa`` (sdpa), ``varlen`` (flash-attn) or ``mask`` (eager: transformers' T x T mask, warned)."""
+    if not enabled:
         return None
-    return resolve_backend("auto", device)
-
-
-def default_chunk_rows(model: nn.Module) -> int:
-    """Rows per chunk of the chunked loss so that one fp32 [rows, vocab] block is ~:data:`CHUNK_BYTES`."""
-    head = unwrap_model(model).get_output_embeddings()
-    return max(64, CHUNK_BYTES // (4 * head.weight.shape[0]))
+    attn_implementation = unwrap_model(model).config.get_text_config()._attn_implementation
+    if attn_implementation in ("sdpa", PACKED_SDPA):
+        logger.info("padding-free batches: packed rows, one causal SDPA call per sample (%s)", PACKED_SDPA)
+        return "packed_sdpa"
+    if str(attn_implementation).startswith("flash_attention"):
+        logger.info(
+            "padding-free batches: packed rows, %s varlen attention over cu_seq_lens", attn_implementation
+        )
+        return "varlen"
+    logger.warning(
+        "padding-free batches with %s attention: transformers builds a T x T block-diagonal mask from "
+        "position_ids (correct but slow); use attn_implementation sdpa or flash_attention_2",
+        attn_implementation,
+    )
+    return "mask"
 
 
 @dataclass
@@ -94,12 +194,17 @@ class KernelSetup:
 
 
 def apply_kernels(model: nn.Module, cfg: KernelsConfig, padding_free: bool = False) -> KernelSetup:
-    """Apply Liger, the fused NF4+LoRA forward, the loss path and padding-free attention to ``model``; logs one
-    line saying which path runs. Returns the setup; the trainer reads ``setup.loss``."""
+    """Resolve ``cfg`` (and ``padding_free``) for the model's device and apply Liger, the fused NF4+LoRA
+    forward, the loss path and padding-free attention to ``model``; logs one line saying which path runs.
+    Returns the setup; the trainer reads ``setup.loss``."""
     device = model_device(model)
     handles: list[PatchHandle] = []
-    liger = apply_liger_kernels(model, cfg.liger)
-    handles.append(liger)
+    liger = resolve_liger(cfg.liger)
+    n_liger = 0
+    if liger:
+        patched = apply_liger_kernels(model, required=cfg.liger == "on")
+        handles.append(patched)
+        n_liger = len(patched)
     backend = resolve_nf4_lora(cfg.nf4_lora, device)
     n_fused = 0
     if backend is not None:
@@ -109,11 +214,11 @@ def apply_kernels(model: nn.Module, cfg: KernelsConfig, padding_free: bool = Fal
     loss = resolve_loss(cfg.loss, device)
     chunk = None
     if loss == "chunked":
-        chunk = cfg.chunk_size or default_chunk_rows(model)
-        handles.append(patch_causal_lm_loss(model, chunk_size=chunk))
-    if padding_free:
+        chunk = resolve_chunk_size(cfg.chunk_size, model)
+        handles.append(patch_causal_lm_loss(model, chunk_size=chunk, backend=resolve_loss_backend(device)))
+    if resolve_padding_free(padding_free, model) is not None:
         handles.append(enable_padding_free(model))
-    setup = KernelSetup(bool(len(liger)), backend, n_fused, loss, padding_free, chunk, handles)
+    setup = KernelSetup(bool(n_liger), backend, n_fused, loss, padding_free, chunk, handles)
     logger.info(
         "kernels: liger %s | fused NF4+LoRA %s | loss %s%s%s | padding-free %s",
         "on" if setup.liger else f"off ({cfg.liger})",

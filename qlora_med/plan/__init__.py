@@ -1,1 +1,1 @@
-"""plan."""
+"""Memory and step-time planning: the analytic estimate and its inputs from a recipe."""

@@ -1,4 +1,4 @@
-"""``qlora-med plan``: per-component memory estimate and settings that fit a GPU."""
+"""The planner's inputs from a recipe or a model config: model shape (``ModelShape``) and run settings (``RunSpec``)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Jinja chat templates that reproduce :func:`qlora_med.templates.render` for exported models.
+"""Jinja chat templates that reproduce :func:`qlora_med.prompts.templates.render` for exported models.
 
 ``processor.apply_chat_template(messages, tokenize=False)`` on a merged or exported model gives the
 same text as ``render(template, turns, image_token, bos_token, eos_token).text`` for conversations
@@ -71,7 +71,7 @@ def _literal(value: str) -> str:
 
 
 def chat_template(template: str, image_token: str = "<image>") -> str:
-    """The Jinja chat template for one of :data:`qlora_med.templates.TEMPLATES`."""
+    """The Jinja chat template for one of :data:`qlora_med.prompts.templates.TEMPLATES`."""
     if template not in TEMPLATES or template not in _BODIES:
         raise ValueError(f"unknown template {template!r}; choose one of {sorted(TEMPLATES)}")
     header = "{%- set IMG = " + _literal(image_token) + " -%}\n"

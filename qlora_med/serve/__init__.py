@@ -1,1 +1,1 @@
-"""serve."""
+"""Talking to a trained model: the terminal chat session and the Gradio page."""

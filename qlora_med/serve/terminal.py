@@ -1,4 +1,4 @@
-"""``qlora-med chat``: multi-turn terminal chat about an image, answers streamed token by token."""
+"""Terminal chat about an image: a session keeping the conversation, and the read-eval loop with /image, /reset, /quit."""
 
 from __future__ import annotations
 

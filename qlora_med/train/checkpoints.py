@@ -1,4 +1,14 @@
-"""Atomic writes and the trainable state of a stage (adapter + projector), never the frozen base."""
+"""A stage's checkpoints: mark complete, rotate, find the one to resume from, remove interrupted ones.
+
+Layout, inside the stage's output dir (``<output_dir>/<stage>/``)::
+
+    checkpoint-<step>/   adapter (PEFT files, if any) + projector.safetensors, optimizer, scheduler,
+                         RNG and trainer state (written by ``StageTrainer``)
+        COMPLETE         written last: a checkpoint without it was interrupted mid-write
+    final/               the finished stage (see ``qlora_med.train.runner``), never touched here
+
+Rotation keeps the newest ``save_total_limit`` complete checkpoints; incomplete ones are never resumed from.
+"""
 
 from __future__ import annotations
 
@@ -30,15 +40,18 @@ def list_checkpoints(stage_dir: Path) -> list[tuple[int, Path, bool]]:
 
 
 def last_complete_checkpoint(stage_dir: Path) -> Path | None:
-    """The newest complete checkpoint; incomplete ones (killed mid-write) are removed, with a log line."""
-    best = None
-    for _step, path, complete in list_checkpoints(stage_dir):
-        if complete:
-            best = path
-        else:
-            logger.warning("removing incomplete checkpoint %s (interrupted while being written)", path)
-            shutil.rmtree(path, ignore_errors=True)
-    return best
+    """The newest complete checkpoint (the one to resume from), or None; deletes nothing."""
+    complete = [path for _step, path, ok in list_checkpoints(stage_dir) if ok]
+    return complete[-1] if complete else None
+
+
+def remove_incomplete_checkpoints(stage_dir: Path) -> list[Path]:
+    """Delete checkpoints interrupted while being written (no ``COMPLETE``), with a log line each; returns them."""
+    removed = [path for _step, path, ok in list_checkpoints(stage_dir) if not ok]
+    for path in removed:
+        logger.warning("removing incomplete checkpoint %s (interrupted while being written)", path)
+        shutil.rmtree(path, ignore_errors=True)
+    return removed
 
 
 def rotate_checkpoints(stage_dir: Path, keep: int) -> None:

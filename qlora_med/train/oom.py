@@ -14,11 +14,15 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from qlora_med.errors import QloraMedError
-from qlora_med.train.checkpoints import last_complete_checkpoint
+from qlora_med.train.checkpoints import last_complete_checkpoint, remove_incomplete_checkpoints
+
+if TYPE_CHECKING:
+    from qlora_med.train.trainer import StageTrainer
 
 logger = logging.getLogger(__name__)
 
@@ -43,10 +47,12 @@ def _free_memory(model: torch.nn.Module | None = None) -> None:
         torch.cuda.empty_cache()
 
 
-def train_with_oom_fallback(make_trainer: Callable[[BatchPlan], object], plan: BatchPlan, output_dir: Path):
-    """Run ``trainer.train`` and, on out-of-memory, retry with half the micro-batch. Returns the trainer."""
+def train_with_oom_fallback(make_trainer: Callable[[BatchPlan], StageTrainer], plan: BatchPlan,
+                            output_dir: Path) -> tuple[StageTrainer, BatchPlan]:
+    """Run ``trainer.train`` and, on out-of-memory, retry with half the micro-batch. Returns the trainer and plan."""
     while True:
         trainer = make_trainer(plan)
+        remove_incomplete_checkpoints(output_dir)
         resume = last_complete_checkpoint(output_dir)
         if resume is not None:
             logger.info("resuming from %s", resume)
@@ -62,7 +68,7 @@ def train_with_oom_fallback(make_trainer: Callable[[BatchPlan], object], plan: B
             step = trainer.state.global_step
             _free_memory(trainer.model)
             if step > 0 and not (output_dir / f"checkpoint-{step}").is_dir():
-                trainer._save_checkpoint(trainer.model, trial=None)
+                trainer.save_checkpoint_now()
             smaller = plan.halve()
             logger.warning(
                 "out of memory at step %d with micro-batch %d: continuing with micro-batch %d x accumulation %d "

@@ -1,18 +1,54 @@
-"""Run curriculum stages: build model and data, hand them to the trainer, save ``final/``.
+"""What is written about a finished stage: the ``stage.json`` record, the loss plot, versions and hardware.
 
-A stage whose ``final/`` exists is skipped; an unfinished stage resumes from its last complete
-checkpoint. Each stage starts from the previous stage's ``final/`` (projector, and adapters).
+``stage.json`` describes what was trained (the live model's adapter settings, the batch actually used,
+the losses logged), not only what the recipe asked for; the model card and ``qlora-med merge`` read it.
 """
 
 from __future__ import annotations
 
-import logging
 import platform
+from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-logger = logging.getLogger(__name__)
+from qlora_med.config.schema import RecipeConfig, StageConfig
+from qlora_med.train.trainable import lora_settings
+
+if TYPE_CHECKING:
+    from qlora_med.data.build import BuildStats
+    from qlora_med.patches.select import KernelSetup
+    from qlora_med.train.oom import BatchPlan
+    from qlora_med.train.trainer import StageTrainer
+
+
+def trained_lora(model: torch.nn.Module) -> dict[str, Any] | None:
+    """r, alpha, dropout and target_modules of the adapter the model trains or carries; None without one."""
+    from peft import PeftModel
+
+    if not isinstance(model, PeftModel):
+        return None
+    return lora_settings(model.peft_config[model.active_adapter].to_dict())
+
+
+def stage_record(recipe: RecipeConfig, stage: StageConfig, *, trainer: StageTrainer, model: torch.nn.Module,
+                 base_dir: Path, previous: Path | None, compute_dtype: torch.dtype, plan: BatchPlan, samples: int,
+                 stats: BuildStats, kernels: KernelSetup, wall_time_s: float) -> dict[str, Any]:
+    """The ``stage.json`` of a trained stage, from the trainer's state, the batch plan used and the model."""
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    return {
+        "stage": stage.name, "kind": stage.kind, "base_model": str(base_dir),
+        "previous_stage": str(previous) if previous else None, "template": stage.template,
+        "quantization": recipe.model.quantization, "compute_dtype": str(compute_dtype).replace("torch.", ""),
+        "image_aspect": recipe.model.image_aspect, "train": asdict(stage.train), "lora": trained_lora(model),
+        "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
+        "steps": trainer.state.global_step, "samples": samples, "truncated": stats.truncated,
+        "skipped_images": trainer.data_collator.skipped, "micro_batch": plan.micro_batch,
+        "gradient_accumulation_steps": plan.accumulation, "oom_halvings": plan.halvings,
+        "world_size": trainer.accelerator.num_processes, "wall_time_s": round(wall_time_s, 1),
+        "hardware": _hardware(), "versions": _versions(), "kernels": kernels.summary(),
+    }
 
 
 def _versions() -> dict[str, str]:

@@ -1,7 +1,9 @@
 """Run curriculum stages: build model and data, hand them to the trainer, save ``final/``.
 
 A stage whose ``final/`` exists is skipped; an unfinished stage resumes from its last complete
-checkpoint. Each stage starts from the previous stage's ``final/`` (projector, and adapters).
+checkpoint. Each stage starts from the previous stage's ``final/`` (or ``init_from``): projector,
+and adapters (see ``qlora_med.train.trainable``). What ``final/`` records about the stage is built in
+``qlora_med.train.report``.
 """
 
 from __future__ import annotations
@@ -9,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 from qlora_med.artifacts.adapter import save_trainable
@@ -27,8 +28,8 @@ from qlora_med.patches.select import apply_kernels
 from qlora_med.train.autobatch import resolve_batch
 from qlora_med.train.distributed import is_main_process, launched_ranks, main_process_first
 from qlora_med.train.oom import BatchPlan, train_with_oom_fallback
-from qlora_med.train.report import _hardware, _versions, plot_loss
-from qlora_med.train.trainable import setup_trainable
+from qlora_med.train.report import plot_loss, stage_record
+from qlora_med.train.trainable import check_continued_adapter, setup_trainable
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +43,7 @@ def train_stage(recipe: RecipeConfig, stage: StageConfig) -> dict:
     out = stage_dir(recipe, stage)
     final = out / "final"
     previous = previous_final(recipe, stage)
+    check_continued_adapter(stage, recipe.lora, previous)  # before any model is loaded
     if is_main_process():
         out.mkdir(parents=True, exist_ok=True)
         save_resolved(recipe, out / "resolved_config.yaml")
@@ -80,20 +82,9 @@ def train_stage(recipe: RecipeConfig, stage: StageConfig) -> dict:
     plan = BatchPlan(*resolve_batch(recipe, stage, launched_ranks()[1]))
     trainer, plan = train_with_oom_fallback(make_trainer, plan, out)
 
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    info = {
-        "stage": stage.name, "kind": stage.kind, "base_model": str(base_dir),
-        "previous_stage": str(previous) if previous else None, "template": stage.template,
-        "quantization": recipe.model.quantization, "compute_dtype": str(compute_dtype).replace("torch.", ""),
-        "image_aspect": recipe.model.image_aspect, "train": asdict(stage.train),
-        "lora": asdict(recipe.lora) if hasattr(model, "peft_config") else None,
-        "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
-        "steps": trainer.state.global_step, "samples": len(dataset), "truncated": stats.truncated,
-        "skipped_images": trainer.data_collator.skipped, "micro_batch": plan.micro_batch,
-        "gradient_accumulation_steps": plan.accumulation, "oom_halvings": plan.halvings,
-        "world_size": trainer.accelerator.num_processes, "wall_time_s": round(time.time() - start, 1),
-        "hardware": _hardware(), "versions": _versions(), "kernels": kernels.summary(),
-    }
+    info = stage_record(recipe, stage, trainer=trainer, model=model, base_dir=base_dir, previous=previous,
+                        compute_dtype=compute_dtype, plan=plan, samples=len(dataset), stats=stats, kernels=kernels,
+                        wall_time_s=time.time() - start)
     if trainer.accelerator.is_main_process:
         with atomic_dir(final) as tmp:
             save_trainable(trainer.accelerator.unwrap_model(trainer.model), tmp)
@@ -115,8 +106,12 @@ def run_recipe(recipe: RecipeConfig, only: str | None = None) -> list[dict]:
     if is_main_process():
         Path(recipe.output_dir).mkdir(parents=True, exist_ok=True)
         save_resolved(recipe, Path(recipe.output_dir) / "resolved_config.yaml")
+    stages = [recipe.stage(only)] if only else recipe.stages
+    for stage in stages:  # an init_from adapter is checked now, not after the stages before it have trained
+        if stage.init_from is not None and not (stage_dir(recipe, stage) / "final").is_dir():
+            check_continued_adapter(stage, recipe.lora, Path(stage.init_from))
     results = []
-    for stage in [recipe.stage(only)] if only else recipe.stages:
+    for stage in stages:
         final = stage_dir(recipe, stage) / "final"
         if final.is_dir():
             logger.info("stage %s already finished (%s): skipping", stage.name, final)

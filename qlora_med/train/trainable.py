@@ -1,24 +1,90 @@
-"""Build, load and quantize the LLaVA model; set what a stage trains.
+"""What a stage trains: apply its ``TrainSpec`` to the loaded model, and check a continued adapter's settings.
 
-Two ways in: an HF-format LLaVA directory, or LLaVA-Med style composition (CLIP dir + LLM dir +
-fresh projector), which is written once as an HF-format directory under ``model.cache_dir`` and
-then loaded through the same ``from_pretrained`` path as everything else.
+``setup_trainable`` freezes every parameter, turns on gradient checkpointing, then either continues the
+LoRA adapter found in the start point's ``final/`` (the previous stage's, or ``init_from``) or adds new
+adapters with the recipe's ``lora`` settings, keeps trainable weights fp32, loads the start point's
+projector and sets whether the projector trains. The table of what each stage kind trains is in
+``qlora_med.config.stages``.
+
+A continued adapter keeps the rank, alpha, dropout and targets it was created with, so
+``check_continued_adapter`` refuses (before any model is loaded) a stage whose recipe ``lora`` says otherwise.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from qlora_med.artifacts.adapter import ADAPTER_FILE, load_projector
-from qlora_med.config.schema import LoraConfig
+from qlora_med.config.schema import LoraConfig, StageConfig
 from qlora_med.config.stages import TrainSpec
 from qlora_med.errors import ConfigError
 from qlora_med.model.load import lora_target_regex, projector_module
 
 logger = logging.getLogger(__name__)
+
+ADAPTER_CONFIG_FILE = "adapter_config.json"
+
+
+def has_adapter(start: Path | None) -> bool:
+    """Whether a stage's start point (a ``final/``) holds a LoRA adapter that the stage will continue."""
+    return start is not None and (start / ADAPTER_FILE).is_file()
+
+
+def lora_settings(peft_config: Mapping[str, Any]) -> dict[str, Any]:
+    """A PEFT LoRA config (``adapter_config.json`` keys) as the recipe's ``lora`` keys, as plain data.
+
+    ``target_modules`` becomes the sorted layer names when it is one of our regexes
+    (``qlora_med.model.load.lora_target_regex``) or a list/set, else the string as written.
+    """
+    targets = peft_config["target_modules"]
+    if isinstance(targets, str):
+        targets = _target_names(targets)
+    elif targets is not None:
+        targets = sorted(targets)
+    return {"r": peft_config["r"], "alpha": peft_config["lora_alpha"], "dropout": peft_config["lora_dropout"],
+            "target_modules": targets}
+
+
+def _target_names(regex: str) -> list[str] | str:
+    """The layer names in a regex written by ``lora_target_regex``; any other regex unchanged."""
+    head, _, tail = lora_target_regex(LoraConfig(target_modules=["NAMES"])).partition("NAMES")
+    if regex.startswith(head) and regex.endswith(tail) and len(regex) > len(head) + len(tail):
+        names = sorted(regex[len(head):len(regex) - len(tail)].split("|"))
+        if lora_target_regex(LoraConfig(target_modules=names)) == regex:
+            return names
+    return regex
+
+
+def check_continued_adapter(stage: StageConfig, lora: LoraConfig, start: Path | None) -> None:
+    """Raise ``ConfigError`` when the stage continues training ``start``'s adapter but ``lora`` differs from it.
+
+    Only a stage that trains LoRA (``train.llm: lora``) from a start point with an adapter is checked: a
+    frozen-LLM stage carries the adapter along untouched and the recipe's ``lora`` does not apply to it.
+    """
+    if stage.train.llm != "lora" or not has_adapter(start):
+        return
+    config_file = start / ADAPTER_CONFIG_FILE
+    if not config_file.is_file():
+        raise ConfigError(f"stages.{stage.name}: {start} has {ADAPTER_FILE} but no {ADAPTER_CONFIG_FILE}; "
+                          "start the stage from a complete final/ folder")
+    adapter = lora_settings(json.loads(config_file.read_text()))
+    wanted = {"r": lora.r, "alpha": lora.alpha, "dropout": lora.dropout,
+              "target_modules": sorted(set(lora.target_modules))}
+    differing = [key for key in wanted if adapter[key] != wanted[key]]
+    if differing:
+        diffs = "; ".join(f"lora.{k}: adapter {adapter[k]!r}, recipe {wanted[k]!r}" for k in differing)
+        fix = ", ".join(f"lora.{k}={adapter[k]!r}" for k in differing)
+        raise ConfigError(
+            f"stages.{stage.name}: continues the LoRA adapter in {start}, whose settings differ from the recipe "
+            f"({diffs}); a continued adapter keeps its own settings. Set {fix} in the recipe, or start stage "
+            f"'{stage.name}' from a folder without an adapter (init_from)"
+        )
 
 
 def setup_trainable(model, train: TrainSpec, lora: LoraConfig, previous: Path | None, gradient_checkpointing: bool):
@@ -33,8 +99,7 @@ def setup_trainable(model, train: TrainSpec, lora: LoraConfig, previous: Path | 
         param.requires_grad_(False)
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    has_previous_adapter = previous is not None and (previous / ADAPTER_FILE).is_file()
-    if has_previous_adapter:
+    if has_adapter(previous):
         model = PeftModel.from_pretrained(model, previous, is_trainable=train.llm == "lora")
         logger.info("continuing LoRA adapters from %s (%s)", previous, "trainable" if train.llm == "lora" else "frozen")
     elif train.llm == "lora":

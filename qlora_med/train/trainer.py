@@ -7,17 +7,22 @@ What it changes, and why:
 - checkpoints hold only the adapter + projector (+ optimizer, scheduler, RNG, trainer state), are
   marked complete only after everything is written, and rotation never deletes the last complete one;
 - a stage whose LLM is frozen (projector only) is allowed on a quantized base: nothing quantized trains;
-- the loss path is chosen by ``kernels.loss`` (``qlora_med.kernel_select``): TRL's fused LM head, our chunked
+- the loss path is chosen by ``kernels.loss`` (``qlora_med.patches.select``): TRL's fused LM head, our chunked
   linear cross-entropy (patched into the model's forward), or plain logits.
+
+This is the one module that touches private TRL/transformers names; ``PRIVATE_API`` lists them and
+``tests/unit/train/test_private_api.py`` fails, naming the attribute and the versions, when an upgrade
+removes one.
 """
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
-from transformers import Trainer
+from transformers import PreTrainedModel, Trainer
 from trl import SFTConfig, SFTTrainer
 
 from qlora_med.artifacts.adapter import load_trainable, save_trainable
@@ -26,6 +31,27 @@ from qlora_med.model.load import projector_module
 from qlora_med.train.checkpoints import mark_complete, rotate_checkpoints
 
 logger = logging.getLogger(__name__)
+
+
+class PrivateName(NamedTuple):
+    """A private TRL/transformers name this module relies on."""
+
+    owner: type
+    name: str
+    on_instance: bool  # set in the owner's __init__ rather than defined on the class
+    why: str
+
+
+PRIVATE_API: tuple[PrivateName, ...] = (
+    PrivateName(Trainer, "_save", False, "overridden: saves hold adapter + projector only, never the frozen base"),
+    PrivateName(Trainer, "_load_from_checkpoint", False, "overridden: resume restores adapter + projector in place"),
+    PrivateName(Trainer, "_save_checkpoint", False,
+                "overridden: mark a checkpoint COMPLETE, then rotate; save_checkpoint_now calls it on OOM"),
+    PrivateName(PreTrainedModel, "_hf_peft_config_loaded", False,
+                "set on a quantized base so transformers lets a projector-only stage train"),
+    PrivateName(SFTTrainer, "_metrics", True, "per-mode metric lists SFTTrainer.log averages; our loss paths fill them"),
+    PrivateName(SFTTrainer, "_total_train_tokens", True, "TRL's running token count, logged as num_tokens"),
+)
 
 
 def sft_config(stage: StageConfig, output_dir: Path, seed: int, compute_dtype: torch.dtype, report_to: str) -> SFTConfig:
@@ -76,6 +102,7 @@ class StageTrainer(SFTTrainer):
         if getattr(base, "is_quantized", False) and not hasattr(model, "peft_config"):
             # transformers refuses to train a quantized model without adapters; here only the
             # full-precision projector trains, which is exactly what the paper's stage 1 does.
+            # Private (PRIVATE_API): the flag transformers' quantized-training check reads.
             base._hf_peft_config_loaded = True
         super().__init__(*args, **kwargs)
         for name, param in self.model.named_parameters():
@@ -86,7 +113,7 @@ class StageTrainer(SFTTrainer):
         self.loss_mode = loss_mode
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        """``trl``: SFTTrainer's fused LM head. ``chunked`` (forward patched by ``kernel_select``) and ``full``:
+        """``trl``: SFTTrainer's fused LM head. ``chunked`` (forward patched by ``patches.select``) and ``full``:
         the model's own loss through ``Trainer.compute_loss``, plus TRL's token count; ``full`` also logs entropy
         and token accuracy from its logits, ``chunked`` has none to log."""
         if self.loss_mode == "trl":
@@ -102,6 +129,7 @@ class StageTrainer(SFTTrainer):
                 tokens = inputs["attention_mask"].sum()
             else:  # padding-free: one packed row
                 tokens = torch.tensor(inputs["input_ids"].numel(), device=inputs["input_ids"].device)
+            # Private (PRIVATE_API): TRL's token counter and metric store, kept as SFTTrainer's own loss fills them
             self._total_train_tokens += self.accelerator.gather_for_metrics(tokens).sum().item()
         self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
         return (loss, outputs) if return_outputs else loss
@@ -120,6 +148,7 @@ class StageTrainer(SFTTrainer):
             entropy = correct = torch.zeros((), device=logits.device)
         entropy = self.accelerator.gather_for_metrics(entropy).sum()
         correct = self.accelerator.gather_for_metrics(correct).sum()
+        # Private (PRIVATE_API): SFTTrainer.log averages and logs these lists
         self._metrics[mode]["entropy"].append((entropy / n).item() if n > 0 else 0.0)
         self._metrics[mode]["mean_token_accuracy"].append((correct / n).item() if n > 0 else 0.0)
 
@@ -145,20 +174,28 @@ class StageTrainer(SFTTrainer):
         )
         return self.optimizer
 
+    # Private overrides (PRIVATE_API): transformers.Trainer's save/resume hooks have no public equivalent.
     def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        """Write only adapter + projector (checkpoints and ``save_model``), never the frozen (NF4) base."""
         if self.args.should_save:
             save_trainable(self.accelerator.unwrap_model(self.model), Path(output_dir or self.args.output_dir))
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        """Restore what ``_save`` wrote into the live model (the base is loaded fresh, not from the checkpoint)."""
         load_trainable(model if model is not None else self.model, Path(resume_from_checkpoint))
         logger.info("resumed adapter and projector from %s", resume_from_checkpoint)
 
     def _save_checkpoint(self, model, trial) -> None:
+        """Trainer's checkpoint, then ``COMPLETE`` once every file is written, then rotation (ours)."""
         super()._save_checkpoint(model, trial)
         if self.args.should_save:
             checkpoint = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
             mark_complete(checkpoint)
             rotate_checkpoints(Path(self.args.output_dir), self.keep_checkpoints)
+
+    def save_checkpoint_now(self) -> None:
+        """Save a complete checkpoint at the current optimizer step (the OOM fallback resumes from it)."""
+        self._save_checkpoint(self.model, trial=None)
 
     def create_model_card(self, *args, **kwargs) -> None:
         """Model cards are written by ``qlora-med push``, not into every checkpoint."""

@@ -6,6 +6,13 @@ Serves on 127.0.0.1 only. Endpoints (as huggingface_hub 2.4 calls them):
 ``POST /api/models/{repo}/commit/{rev}`` (NDJSON), ``POST /api/validate-yaml`` (the card), the LFS batch API
 ``POST /{repo}.git/info/lfs/objects/batch`` and the ``PUT`` it points to.
 ``drop_next`` closes the next N requests to ``drop_path`` without answering (a dropped connection).
+
+Downloads (``snapshot_download`` / ``hf_hub_download``) from the repos in ``state.models``:
+``GET /api/models/{repo}/revision/{rev}`` (repo_info: commit sha), ``GET /api/models/{repo}/tree/{rev}``
+(the file list), ``HEAD``/``GET /{repo}/resolve/{rev}/{file}`` (``X-Repo-Commit``, ``ETag``, ``Content-Length``;
+``Range: bytes=N-`` answers 206). Errors carry the Hub's ``X-Error-Code`` (RepoNotFound, GatedRepo,
+RevisionNotFound, EntryNotFound). A private repo needs the token, a public one takes any or none.
+``cut_next`` sends only the first half of the next N downloads of ``cut_file``, then drops the connection.
 """
 
 from __future__ import annotations
@@ -17,8 +24,30 @@ import re
 import threading
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import unquote
 
 import yaml
+
+
+@dataclass
+class HubModel:
+    """A downloadable repo: its files at one commit, reachable by that sha or any name in ``revisions``."""
+
+    files: dict[str, bytes]
+    private: bool = False
+    gated: bool = False  # the token's account never accepted the conditions: every request is refused
+    revisions: set[str] = field(default_factory=lambda: {"main"})
+
+    @property
+    def sha(self) -> str:
+        digest = hashlib.sha1()
+        for name in sorted(self.files):
+            digest.update(name.encode() + b"\0" + self.files[name])
+        return digest.hexdigest()
+
+    @staticmethod
+    def oid(data: bytes) -> str:
+        return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()  # the git blob id the Hub reports
 
 
 @dataclass
@@ -34,6 +63,10 @@ class HubState:
     validated: list[dict] = field(default_factory=list)
     drop_next: int = 0  # close this many connections to drop_path without answering
     drop_path: str = "/api/repos/create"
+    models: dict[str, HubModel] = field(default_factory=dict)
+    ranges: list[str] = field(default_factory=list)  # Range headers of file downloads
+    cut_file: str | None = None  # "repo/file" whose download is cut half way ...
+    cut_next: int = 0  # ... this many times
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -81,6 +114,8 @@ def _handler(state: HubState):
                     self.close_connection = True
                     self.connection.shutdown(2)  # drop without an answer
                     return
+            if method in ("GET", "HEAD") and self._serve_download(method, self.path.split("?")[0]):
+                return
             if method == "PUT" and self.path.startswith("/lfs-upload/"):
                 oid = self.path.rsplit("/", 1)[1]
                 if hashlib.sha256(body).hexdigest() != oid:
@@ -146,6 +181,84 @@ def _handler(state: HubState):
                 return self._send(200, {"commitUrl": f"http://{host}/{repo_id}/commit/{oid}", "commitOid": oid,
                                         "pullRequestUrl": None})
             return self._send(404, {"error": "unknown"})
+
+        def _refuse(self, status: int, code: str, head: bool) -> bool:
+            data = json.dumps({"error": code}).encode()
+            self.send_response(status)
+            self.send_header("X-Error-Code", code)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            if not head:
+                self.wfile.write(data)
+            return True
+
+        def _serve_download(self, method: str, path: str) -> bool:
+            """Answer the download routes (True), or leave the request to the upload routes (False)."""
+            head = method == "HEAD"
+            api = re.fullmatch(r"/api/models/([^/]+/[^/]+)/(revision|tree)/([^/]+)", path)
+            resolve = re.fullmatch(r"/([^/]+/[^/]+)/resolve/([^/]+)/(.+)", path)
+            if api is None and resolve is None:
+                return False
+            repo_id, rev = (api.group(1), api.group(3)) if api else (resolve.group(1), resolve.group(2))
+            rev = unquote(rev)
+            model = state.models.get(repo_id)
+            if model is None and repo_id in state.repos:
+                return False  # a repo created by an upload: its routes answer
+            auth = self.headers.get("Authorization", "")
+            state.auth_headers.append(auth)
+            if model is None or (model.private and auth != f"Bearer {state.token}"):
+                return self._refuse(401 if auth == "" else 404, "RepoNotFound", head)
+            if model.gated:
+                return self._refuse(403, "GatedRepo", head)
+            if rev not in model.revisions and rev != model.sha:
+                return self._refuse(404, "RevisionNotFound", head)
+            if api is not None and api.group(2) == "revision":
+                self._send(200, {"id": repo_id, "sha": model.sha, "private": model.private,
+                                 "siblings": [{"rfilename": name} for name in sorted(model.files)]})
+                return True
+            if api is not None:
+                self.send_response(200)
+                data = json.dumps([{"type": "file", "path": name, "size": len(body), "oid": model.oid(body)}
+                                   for name, body in sorted(model.files.items())]).encode()
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+                return True
+            name = unquote(resolve.group(3))
+            if name not in model.files:
+                return self._refuse(404, "EntryNotFound", head)
+            body = model.files[name]
+            start = 0
+            rng = self.headers.get("Range")
+            if not head:
+                state.ranges.append(rng or "")
+            if rng:
+                start = int(re.fullmatch(r"bytes=(\d+)-", rng).group(1))
+            self.send_response(206 if rng else 200)
+            self.send_header("X-Repo-Commit", model.sha)
+            self.send_header("ETag", f'"{model.oid(body)}"')
+            self.send_header("Content-Length", str(len(body) - start))
+            if rng:
+                self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
+            self.end_headers()
+            if head:
+                return True
+            with state.lock:
+                cut = state.cut_next > 0 and state.cut_file == f"{repo_id}/{name}"
+                state.cut_next -= cut
+            if cut:
+                self.wfile.write(body[start:start + (len(body) - start) // 2])
+                self.wfile.flush()
+                self.close_connection = True
+                self.connection.shutdown(2)  # the rest never comes
+                return True
+            self.wfile.write(body[start:])
+            return True
+
+        def do_HEAD(self) -> None:  # noqa: N802
+            self._handle("HEAD")
 
         def do_GET(self) -> None:  # noqa: N802
             self._handle("GET")

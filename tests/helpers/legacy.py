@@ -1,34 +1,29 @@
-"""Test-only helpers that used to ship in the package: a list loader of records, the per-record encoder
-(a reference for the batch encoder), and small model/batch queries."""
+"""Test-only helpers that used to ship in the package: a list loader of records, records encoded one at a
+time (what the batched build must equal), and small model/batch queries."""
 
 from __future__ import annotations
 
-import logging
-from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import datasets
 
 from qlora_med.data.records import Record, SkipLog, iter_records
-from qlora_med.errors import DataError, QloraMedError
+from qlora_med.errors import DataError
 from qlora_med.prompts.templates import IGNORE_INDEX, encode, render
-
-logger = logging.getLogger(__name__)
 
 
 def load_records(
     path: str | Path,
     image_folder: str | Path,
     on_bad_record: str = "error",
-    max_records: int | None = None,
     skips: SkipLog | None = None,
 ) -> list[Record]:
     """Load and check every record of a LLaVA-Med file."""
     path = Path(path)
     skips = skips if skips is not None else SkipLog(path)
-    records = list(iter_records(path, image_folder, on_bad_record, max_records, skips))
+    records = list(iter_records(path, image_folder, on_bad_record, skips=skips))
     skips.report()
     if not records:
         raise DataError(f"{path}: no usable records")
@@ -37,12 +32,10 @@ def load_records(
 
 @dataclass
 class EncodeStats:
-    """What happened while encoding a stage's records."""
+    """What happened while encoding records one at a time."""
 
-    records: int = 0
     truncated: int = 0
-    dropped: Counter = field(default_factory=Counter)
-    lengths: list[int] = field(default_factory=list)
+    dropped: int = 0  # no answer token within max_length
 
 
 def encode_records(
@@ -51,36 +44,22 @@ def encode_records(
     template: str,
     num_image_tokens: int,
     max_length: int,
-    image_token: str = "<image>",
-    source: str = "",
 ) -> tuple[datasets.Dataset, EncodeStats]:
-    """Render, tokenize and mask every record; returns the dataset and counts (truncated, dropped)."""
+    """Each record rendered and encoded on its own (``templates.encode``); samples without answer tokens
+    are dropped, as the build drops them."""
     tok = processor.tokenizer
-    image_token_id = tok.convert_tokens_to_ids(image_token)
-    stats = EncodeStats(records=len(records))
+    image_token_id = tok.convert_tokens_to_ids("<image>")
+    stats = EncodeStats()
     rows: dict[str, list[Any]] = {"id": [], "image": [], "input_ids": [], "labels": []}
     for record in records:
-        rendered = render(template, record.rounds, image_token, tok.bos_token, tok.eos_token)
-        try:
-            enc = encode(tok, rendered, image_token_id, num_image_tokens, max_length)
-        except ValueError as err:
-            raise QloraMedError(f"{source}: record {record.id}: {err}") from None
+        rendered = render(template, record.rounds, "<image>", tok.bos_token, tok.eos_token)
+        enc = encode(tok, rendered, image_token_id, num_image_tokens, max_length)
         if all(label == IGNORE_INDEX for label in enc.labels):
-            stats.dropped["no_answer_tokens_after_truncation"] += 1
+            stats.dropped += 1
             continue
         stats.truncated += enc.truncated
-        stats.lengths.append(len(enc.input_ids))
-        rows["id"].append(record.id)
-        rows["image"].append(str(record.image))
-        rows["input_ids"].append(enc.input_ids)
-        rows["labels"].append(enc.labels)
-    if stats.truncated:
-        logger.warning("%s: %d of %d sample(s) truncated to max_length=%d (image tokens kept)",
-                       source, stats.truncated, stats.records, max_length)
-    if stats.dropped:
-        logger.warning("%s: dropped %s", source, dict(stats.dropped))
-    if not rows["id"]:
-        raise DataError(f"{source}: no sample has answer tokens within max_length={max_length}")
+        for column, value in zip(rows, (record.id, str(record.image), enc.input_ids, enc.labels), strict=True):
+            rows[column].append(value)
     return datasets.Dataset.from_dict(rows), stats
 
 

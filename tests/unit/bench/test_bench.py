@@ -12,7 +12,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from qlora_med.bench.suite import BenchSpec, Result, append_csv, format_table, make_batches, table
+from qlora_med.bench.suite import (
+    SAMPLE_DIR,
+    BenchSpec,
+    Result,
+    _token_pool,
+    append_csv,
+    format_table,
+    make_batches,
+    table,
+)
 from qlora_med.cli import main as cli_main
 from qlora_med.config.schema import TinyModelConfig
 
@@ -38,6 +47,13 @@ def test_batches_are_deterministic_long_tailed_and_capped(processor):
         assert (b["labels"][~mask] == -100).all() and (b["labels"][b["input_ids"] == image] == -100).all()
         assert (b["labels"] != -100).any(1).all()  # every sample has something to learn
         assert b["pixel_values"].shape == (SPEC.batch_size, 3, 56, 56)
+
+
+def test_batch_text_comes_from_the_sample_data(processor):
+    assert SAMPLE_DIR == ROOT / "data" / "sample" and any(SAMPLE_DIR.glob("*.json"))
+    pool = _token_pool(processor.tokenizer)
+    assert pool != list(range(1000, 30000))  # not the fallback for a missing data/sample
+    assert "image" in processor.tokenizer.decode(pool[:2000]).lower()
 
 
 def result(name: str, tok_s: float, mem: float) -> Result:

@@ -64,7 +64,7 @@ def test_streamed_json_list_equals_json_loads_and_names_error_position(tmp_path,
                 list(iter_json_objects(path))
 
 
-def test_batch_encoder_equals_per_record_encode(processor):
+def test_batch_encoding_equals_encoding_each_record_alone(processor):
     tok = processor.tokenizer
     rounds = [r.rounds for f in ("alignment", "instruct", "vqa_train")
               for r in load_records(SAMPLE / f"{f}.json", SAMPLE / "images")]
@@ -88,15 +88,16 @@ def test_batch_encoder_equals_per_record_encode(processor):
                 assert (ids[k], labels[k]) == (ref.input_ids, ref.labels), (template, max_length, i)
 
 
-def test_built_dataset_equals_legacy_encode_records(processor, tmp_path):
+def test_built_dataset_equals_records_encoded_one_at_a_time(processor, tmp_path):
     stage = StageConfig(name="s", kind="instruct", max_length=64,
                         data=DataConfig(path=str(SAMPLE / "instruct.json"), image_folder=str(SAMPLE / "images")))
     dataset, stats = _build(stage, processor, tmp_path / "cache")
-    legacy, legacy_stats = encode_records(load_records(SAMPLE / "instruct.json", SAMPLE / "images"), processor,
-                                          "mistral_instruct", 16, 64)
+    alone, alone_stats = encode_records(load_records(SAMPLE / "instruct.json", SAMPLE / "images"), processor,
+                                        "mistral_instruct", 16, 64)
     for column in ("id", "image", "input_ids", "labels"):
-        assert dataset[column] == legacy[column]
-    assert stats.truncated == legacy_stats.truncated > 0 and stats.samples == len(legacy)
+        assert dataset[column] == alone[column]
+    assert stats.truncated == alone_stats.truncated > 0 and stats.samples == len(alone)
+    assert sum(stats.sources[0].dropped.values()) == alone_stats.dropped
 
 
 def test_second_build_is_a_cache_hit_and_does_not_tokenize(processor, folder, tmp_path, monkeypatch):

@@ -13,7 +13,13 @@ from __future__ import annotations
 import pytest
 import torch
 from helpers.triton_child import child_only, run_children  # noqa: E402
-from qlora_med.kernels.linear_ce import linear_cross_entropy, linear_cross_entropy_reference
+from qlora_med.kernels.linear_ce import (
+    CHUNK_BYTES,
+    ChunkedLinearCEFunction,
+    default_chunk_size,
+    linear_cross_entropy,
+    linear_cross_entropy_reference,
+)
 from torch.utils._python_dispatch import TorchDispatchMode
 
 LOSS_TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-3}
@@ -131,6 +137,20 @@ def test_rejects_bad_arguments() -> None:
         linear_cross_entropy(h, w, labels, reduction="none")
     with pytest.raises(ValueError, match="labels"):
         linear_cross_entropy(h, w, labels[:, :-1])
+    with pytest.raises(ValueError, match="backend"):  # "auto" is resolved by qlora_med.patches.select
+        linear_cross_entropy(h, w, labels, backend="auto")
+
+
+def test_default_chunk_is_64_mib_of_fp32_logits(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert CHUNK_BYTES == 64 * 2**20
+    assert default_chunk_size(32064) == 523  # the tiny model's padded Mistral vocabulary
+    assert default_chunk_size(2**20) == 64  # at least 64 rows
+    h, w, _, labels = make_case(torch.float32, bias=False)
+    seen = []
+    apply = ChunkedLinearCEFunction.apply
+    monkeypatch.setattr(ChunkedLinearCEFunction, "apply", lambda *a: seen.append(a[-1]) or apply(*a))
+    linear_cross_entropy(h, w, labels)  # no chunk_size: the default for this vocabulary
+    assert seen == [default_chunk_size(w.shape[0])]
 
 
 # ----------------------------------------------------------------------------- Liger (Triton)
@@ -150,10 +170,10 @@ def test_child_liger_backend_matches_reference(
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_gpu_auto_backend_matches_reference() -> None:
+def test_gpu_liger_backend_matches_reference() -> None:
     h, w, _, labels = make_case(torch.bfloat16, bias=False, shape=(4, 512), hidden=256, vocab=32000)
     h, w, labels = h.cuda(), w.cuda(), labels.cuda()
-    got = loss_and_grads(linear_cross_entropy, h, w, None, labels, backend="auto", num_items_in_batch=900)
+    got = loss_and_grads(linear_cross_entropy, h, w, None, labels, backend="liger", num_items_in_batch=900)
     check(
         got,
         loss_and_grads(linear_cross_entropy_reference, h, w, None, labels, num_items_in_batch=900),

@@ -28,9 +28,11 @@ from transformers import (
 )
 
 from qlora_med.errors import ConfigError
+from qlora_med.patches import bnb_cpu
 from qlora_med.patches.chunked_loss import chunked_causal_lm_loss, patch_causal_lm_loss
 from qlora_med.patches.liger import apply_liger_kernels, find_llm
 from qlora_med.patches.nf4_lora import patch_nf4_lora
+from qlora_med.patches.select import resolve_liger
 
 VOCAB = 128
 
@@ -63,6 +65,7 @@ def qlora_model(
         bnb_4bit_compute_dtype=compute_dtype,
     )  # fmt: skip
     model = MistralForCausalLM.from_pretrained(path, quantization_config=bnb, dtype=torch.float32)
+    bnb_cpu.keep_training_numerics(model)  # as model.load does: eval runs the training forward
     torch.manual_seed(1)
     peft_model = get_peft_model(
         model, LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules="all-linear")
@@ -266,16 +269,25 @@ def test_chunked_loss_rejects_lora_head(mistral_dir: Path) -> None:
 
 
 @pytest.mark.skipif(torch.cuda.is_available() or CHILD, reason="CPU-only behaviour")
-def test_liger_modes_without_gpu(mistral_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
-    model = MistralForCausalLM.from_pretrained(mistral_dir)
-    with caplog.at_level(logging.INFO, logger="qlora_med.patches.liger"):
-        assert len(apply_liger_kernels(model, "auto")) == 0
+def test_liger_modes_without_gpu(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO, logger="qlora_med.patches.select"):
+        assert resolve_liger("auto") is False
     assert "no CUDA" in caplog.text
-    assert len(apply_liger_kernels(model, "off")) == 0
+    assert resolve_liger("off") is False
     with pytest.raises(ConfigError, match="needs a CUDA GPU"):
-        apply_liger_kernels(model, "on")
+        resolve_liger("on")
     with pytest.raises(ConfigError, match="mode"):
-        apply_liger_kernels(model, "yes")
+        resolve_liger("yes")
+
+
+def test_liger_required_without_supported_llm(caplog: pytest.LogCaptureFixture) -> None:
+    """A model without a llama/mistral LLM: nothing patched (warned), or an error for ``liger: on``."""
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    with caplog.at_level(logging.WARNING, logger="qlora_med.patches.liger"):
+        assert len(apply_liger_kernels(model)) == 0
+    assert "no supported LLM" in caplog.text
+    with pytest.raises(ConfigError, match="liger mode 'on': no supported LLM"):
+        apply_liger_kernels(model, required=True)
 
 
 def test_liger_patches_one_instance_only(llava_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -308,7 +320,8 @@ def test_liger_patches_one_instance_only(llava_dir: Path, monkeypatch: pytest.Mo
     inputs = {k: v for k, v in llava_batch().items() if k != "labels"}
     with torch.no_grad():
         before = model(**inputs).logits
-        handle = apply_liger_kernels(model, "auto")
+        assert resolve_liger("auto") is True  # "CUDA available"
+        handle = apply_liger_kernels(model)
         assert sorted(set(handle.targets)) == sorted(handle.targets) and len(handle) == 5 + 2 + 2
         patched = model(**inputs).logits
         assert calls == {"rms": 5, "swiglu": 2, "rope": 2}
@@ -329,7 +342,8 @@ def test_child_liger_rope_kernel_matches(mistral_dir: Path) -> None:
     ids = batch()["input_ids"]
     with torch.no_grad():
         before = model(input_ids=ids).logits
-        with apply_liger_kernels(model, "on", rms_norm=False, swiglu=False) as handle:
+        assert resolve_liger("on") is True  # the interpreter
+        with apply_liger_kernels(model, required=True, rms_norm=False, swiglu=False) as handle:
             assert len(handle) == 2
             patched = model(input_ids=ids).logits
     torch.testing.assert_close(patched, before, rtol=1e-5, atol=1e-5)

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
+from helpers.legacy import load_records
 
 from qlora_med.prompts.templates import IGNORE_INDEX, TEMPLATES, encode, render
+
+SAMPLE = Path(__file__).resolve().parents[3] / "data" / "sample"
 
 ROUNDS = [
     ("Which side has the effusion?\n<image>", "The right side, with blunting of the costophrenic angle."),
@@ -78,3 +83,49 @@ def test_max_length_too_small_for_the_image_is_an_error(processor):
 def test_generation_prompt_ends_where_the_answer_starts(processor):
     rendered = render("mistral_instruct", [("What is it?\n<image>", None)], "<image>")
     assert rendered.text.endswith("[/INST]") and rendered.answer_spans == []
+
+
+def _spec_encode(tok, rendered, image_id, n_image, max_length):
+    """The masking rule written out token by token (what the vectorised ``encode`` must equal)."""
+    enc = tok(rendered.text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, labels = [], []
+    for token, (start, end) in zip(enc["input_ids"], enc["offset_mapping"], strict=True):
+        if token == image_id:
+            ids += [image_id] * n_image
+            labels += [IGNORE_INDEX] * n_image
+            continue
+        ids.append(token)
+        labels.append(token if any(start < e and end > s for s, e in rendered.answer_spans) else IGNORE_INDEX)
+    if image_id in ids[max_length:]:
+        return (
+            f"max_length={max_length} cannot hold the {n_image} image tokens; "
+            f"raise max_length above {len(ids) - ids[::-1].index(image_id)}"
+        )
+    return ids[:max_length], labels[:max_length], len(ids) > max_length
+
+
+@pytest.mark.parametrize("template", sorted(TEMPLATES))
+def test_encode_follows_the_masking_rule_token_by_token(processor, template):
+    tok = processor.tokenizer
+    image_id = tok.convert_tokens_to_ids("<image>")
+    conversations = [
+        r.rounds
+        for f in ("alignment", "instruct", "vqa_train")
+        for r in load_records(SAMPLE / f"{f}.json", SAMPLE / "images")
+    ]
+    conversations += [[("<image>\nq", "ünïcödé ✓ 日本語 " * 5), ("follow  up\n", "  spaced  ")], ROUNDS]
+    conversations += [[*c[:-1], (c[-1][0], None)] for c in conversations]  # generation prompts
+    outcomes = set()
+    for rounds in conversations:
+        rendered = render(template, rounds, "<image>", tok.bos_token, tok.eos_token)
+        for max_length in (12, 20, 40, 64, 2048):
+            expected = _spec_encode(tok, rendered, image_id, 16, max_length)
+            try:
+                enc = encode(tok, rendered, image_id, 16, max_length)
+            except ValueError as err:
+                assert str(err) == expected, (template, rounds, max_length)
+                outcomes.add("image cut")
+                continue
+            assert (enc.input_ids, enc.labels, enc.truncated) == expected, (template, rounds, max_length)
+            outcomes.add("truncated" if enc.truncated else "whole")
+    assert outcomes == {"image cut", "truncated", "whole"}
