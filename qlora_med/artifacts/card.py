@@ -24,6 +24,10 @@ from qlora_med.notices import NOTICE, TAGS
 CARD_FILE = "README.md"
 HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")  # USER/NAME or ORG/NAME
 _LIBRARY = {"merged": "transformers", "llava-med": "transformers", "peft": "peft", "gguf": "gguf"}
+# `license: other` needs a name and a link on the Hub. LLaVA-Med's data and weights are under the Microsoft
+# Research License Terms (non-commercial research only; they restrict redistribution of the models).
+RESEARCH_LICENSE_NAME = "microsoft-research-license"
+RESEARCH_LICENSE_LINK = "https://github.com/microsoft/LLaVA-Med/blob/main/LICENSE"
 
 
 @dataclass
@@ -33,7 +37,16 @@ class CardOptions:
     base_models: list[str] = field(default_factory=list)
     datasets: list[str] = field(default_factory=list)
     license: str = "other"
+    license_name: str | None = None  # with license "other": default RESEARCH_LICENSE_NAME
+    license_link: str | None = None  # with license "other": default RESEARCH_LICENSE_LINK
     eval_files: list[Path] = field(default_factory=list)
+
+    def license_metadata(self) -> dict[str, str]:
+        """The Hub's license keys: ``license``, plus ``license_name``/``license_link`` for ``other``."""
+        if self.license != "other":
+            return {"license": self.license}
+        return {"license": "other", "license_name": self.license_name or RESEARCH_LICENSE_NAME,
+                "license_link": self.license_link or RESEARCH_LICENSE_LINK}
 
 
 def _hub_ids(recipe: dict) -> list[str]:
@@ -120,7 +133,7 @@ def build_card(src: Path, kind: str, model_dir: Path | None = None, options: Car
     recipe = saved_recipe(src)
     base_models = options.base_models or _hub_ids(recipe)
     data = ModelCardData(
-        library_name=_LIBRARY.get(kind, "transformers"), license=options.license,
+        library_name=_LIBRARY.get(kind, "transformers"), **options.license_metadata(),
         base_model=base_models or None, datasets=options.datasets or None, tags=TAGS,
         pipeline_tag="image-text-to-text",
     )

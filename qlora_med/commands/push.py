@@ -28,6 +28,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="Hub id of a base model for the card metadata (repeatable)")
     parser.add_argument("--dataset", action="append", default=[], help="Hub id of a training dataset (repeatable)")
     parser.add_argument("--license", default="other", help="license id for the card metadata (default: other)")
+    parser.add_argument("--license-name", help="with --license other: its short name (default: "
+                        "microsoft-research-license, LLaVA-Med's terms)")
+    parser.add_argument("--license-link", help="with --license other: URL or repo path of its text (default: "
+                        "LLaVA-Med's LICENSE)")
     parser.add_argument("--retries", type=int, default=3, help="retries of each Hub call on transient errors")
     parser.epilog = "The token is read from HF_TOKEN or the `hf auth login` store; HF_ENDPOINT selects the Hub."
 
@@ -45,7 +49,7 @@ def main(args: argparse.Namespace) -> int:
         repo_id=args.repo_id, private=args.private, revision=args.revision, commit_message=args.commit_message,
         dry_run=args.dry_run, retries=args.retries,
         card=CardOptions(base_models=args.base_model, datasets=args.dataset, license=args.license,
-                         eval_files=args.eval_json),
+                         license_name=args.license_name, license_link=args.license_link, eval_files=args.eval_json),
     )
     result = push(args.folder, options)
     if isinstance(result, PushPlan):

@@ -199,3 +199,15 @@ def test_llama_cpp_runs_the_export(run, merged, tmp_path):
         {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{image}"}},
         {"type": "text", "text": "What is shown?"}]}], max_tokens=4, temperature=0.0)
     assert reply["usage"]["completion_tokens"] == 4
+
+
+def test_card_license_other_has_name_and_link(run, merged):
+    """The Hub wants license_name + license_link with `license: other`: LLaVA-Med's research terms by default."""
+    from qlora_med.artifacts.card import RESEARCH_LICENSE_LINK, CardOptions, build_card
+
+    meta = build_card(run / "instruct" / "final", "merged", merged).split("---")[1]
+    assert "license: other" in meta and "license_name: microsoft-research-license" in meta
+    assert f"license_link: {RESEARCH_LICENSE_LINK}" in meta
+    own = CardOptions(license="other", license_name="my-terms", license_link="LICENSE.md")
+    meta = build_card(run / "instruct" / "final", "merged", merged, options=own).split("---")[1]
+    assert "license_name: my-terms" in meta and "license_link: LICENSE.md" in meta
