@@ -183,7 +183,10 @@ class StageConfig:
     gradient_accumulation_steps: int | Literal["auto"] = _f(
         1, "micro-batches per optimizer step; auto: global_batch_size / (micro-batch x devices)"
     )
-    global_batch_size: int = _f(128, "samples per optimizer step when batch or accumulation is auto")
+    global_batch_size: int | None = _f(
+        None, "samples per optimizer step over all processes, kept for any process count: accumulation auto is "
+        "derived from it, fixed values are checked against it; unset: micro-batch x accumulation x processes"
+    )
     max_length: int = _f(2048, "token limit incl. image tokens; longer samples are truncated")
     warmup_ratio: float = _f(0.03, "linear warm-up share of the steps")
     lr_scheduler: str = _f("cosine", "transformers scheduler name")
@@ -234,15 +237,19 @@ class StageConfig:
             )
         if self.train.projector == "frozen" and self.train.llm == "frozen":
             problems.append(f"{where}.train: nothing to train (projector and llm both frozen)")
-        autos = [k for k in ("per_device_batch_size", "gradient_accumulation_steps") if getattr(self, k) == "auto"]
-        if len(autos) == 1:
+        if self.per_device_batch_size == "auto" and self.gradient_accumulation_steps != "auto":
             problems.append(
-                f"{where}: set both per_device_batch_size and gradient_accumulation_steps to auto "
-                "(the planner picks them together to keep global_batch_size), or neither"
+                f"{where}: per_device_batch_size auto needs gradient_accumulation_steps auto too "
+                "(the planner picks them together to keep global_batch_size)"
+            )
+        if self.gradient_accumulation_steps == "auto" and self.global_batch_size is None:
+            problems.append(
+                f"{where}: gradient_accumulation_steps auto is derived from global_batch_size; set it "
+                "(the paper's is 128)"
             )
         for key in ("per_device_batch_size", "gradient_accumulation_steps", "max_length", "save_steps",
                     "global_batch_size"):
-            if getattr(self, key) != "auto" and getattr(self, key) <= 0:
+            if getattr(self, key) not in ("auto", None) and getattr(self, key) <= 0:
                 problems.append(f"{where}.{key} must be positive, got {getattr(self, key)}")
         if not 0 <= self.warmup_ratio < 1:
             problems.append(f"{where}.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")

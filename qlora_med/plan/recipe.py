@@ -6,6 +6,7 @@ import json
 import logging
 from pathlib import Path
 
+from qlora_med.config.batch import stage_batch
 from qlora_med.errors import ConfigError
 from qlora_med.plan.estimate import (
     LORA_TARGETS,
@@ -82,8 +83,12 @@ def run_for_stage(recipe: object, stage: object, n_gpus: int = 1, device: str = 
     optimizer = ("paged_" if "paged" in optim else "") + ("adamw_8bit" if "8bit" in optim else "adamw")
     dtype = model.compute_dtype if model.compute_dtype != "auto" else ("bf16" if device == "cuda" else "fp32")
     targets = tuple(t.removesuffix("_proj") for t in lora.target_modules if t.removesuffix("_proj") in LORA_TARGETS)
+    micro, accum = st.per_device_batch_size, st.gradient_accumulation_steps
+    if micro != "auto":  # fixed, or accumulation derived from global_batch_size for n_gpus
+        batch = stage_batch(st, n_gpus)
+        micro, accum = batch.micro_batch, batch.accumulation
     return RunSpec(
-        micro_batch=st.per_device_batch_size, grad_accum=st.gradient_accumulation_steps, seq_len=st.max_length,
+        micro_batch=micro, grad_accum=accum, seq_len=st.max_length,
         lora_rank=lora.r if st.train.llm == "lora" else 0, lora_targets=targets, lora_dropout=lora.dropout,
         optimizer="paged_adamw_32bit" if optimizer == "paged_adamw" else optimizer,
         grad_checkpointing=st.gradient_checkpointing, compute_dtype=dtype, quantization=model.quantization,

@@ -1,4 +1,5 @@
-"""Resolve ``per_device_batch_size: auto`` with the memory planner for the device at hand."""
+"""A stage's micro-batch x accumulation for this launch: as configured or derived from ``global_batch_size``
+(:mod:`qlora_med.config.batch`), or ``per_device_batch_size: auto`` from the memory planner for the device."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from qlora_med.config.batch import stage_batch
 from qlora_med.config.schema import RecipeConfig, StageConfig
 from qlora_med.errors import ConfigError
 
@@ -26,15 +28,20 @@ def device_memory_gib() -> tuple[float, str]:
 
 
 def resolve_batch(recipe: RecipeConfig, stage: StageConfig, world_size: int) -> tuple[int, int]:
-    """(micro-batch, accumulation): as configured, or the planner's largest micro-batch that fits."""
+    """(micro-batch, accumulation) for ``world_size`` processes: fixed or derived, or the planner's largest
+    micro-batch that fits. Logs the global batch it makes."""
     if stage.per_device_batch_size != "auto":
-        return stage.per_device_batch_size, stage.gradient_accumulation_steps
+        batch = stage_batch(stage, world_size)
+        unset = "" if stage.global_batch_size is not None else " (global_batch_size unset: it follows the process count)"
+        logger.info("stage %s: global batch %d = micro-batch %d x accumulation %d x %d process(es)%s", stage.name,
+                    batch.global_batch, batch.micro_batch, batch.accumulation, world_size, unset)
+        return batch.micro_batch, batch.accumulation
     from qlora_med.plan.estimate import choose_settings
     from qlora_med.plan.recipe import run_for_stage, shape_from_recipe
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     gib, name = device_memory_gib()
-    fixed = dataclasses.replace(stage, per_device_batch_size=1, gradient_accumulation_steps=1)
+    fixed = dataclasses.replace(stage, per_device_batch_size=1, gradient_accumulation_steps=1, global_batch_size=None)
     base = run_for_stage(recipe, fixed, n_gpus=world_size, device=device)
     choice = choose_settings(shape_from_recipe(recipe), gib, n_gpus=world_size, global_batch=stage.global_batch_size,
                              seq=stage.max_length, base=base, min_seq=stage.max_length)

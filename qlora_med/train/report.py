@@ -46,7 +46,8 @@ def stage_record(recipe: RecipeConfig, stage: StageConfig, *, trainer: StageTrai
         "steps": trainer.state.global_step, "samples": samples, "truncated": stats.truncated,
         "skipped_images": trainer.data_collator.skipped, "micro_batch": plan.micro_batch,
         "gradient_accumulation_steps": plan.accumulation, "oom_halvings": plan.halvings,
-        "world_size": trainer.accelerator.num_processes, "wall_time_s": round(wall_time_s, 1),
+        "world_size": trainer.accelerator.num_processes,
+        "global_batch": plan.micro_batch * plan.accumulation * trainer.accelerator.num_processes, "wall_time_s": round(wall_time_s, 1),
         "hardware": _hardware(), "versions": _versions(), "kernels": kernels.summary(),
     }
 

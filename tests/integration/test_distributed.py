@@ -1,4 +1,5 @@
-"""A 2-process DDP run (gloo, CPU, torchrun) matches a 1-process run with the same global batch."""
+"""The same recipe (global_batch_size 8, accumulation auto) on 1 process and on 2 (gloo DDP, CPU, torchrun)
+makes the same global batch and trains the same model."""
 
 from __future__ import annotations
 
@@ -27,20 +28,21 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _train(tiny_dir: Path, out: Path, launcher: list[str], micro: int, accum: int) -> subprocess.CompletedProcess:
+def _train(tiny_dir: Path, out: Path, launcher: list[str]) -> subprocess.CompletedProcess:
     args = [*launcher, "-m", "qlora_med.cli", "train", "recipes/demo_cpu.yaml", "--stage", "align",
             f"model.name_or_path={tiny_dir}", f"output_dir={out}", *COMMON,
-            f"stages.align.per_device_batch_size={micro}", f"stages.align.gradient_accumulation_steps={accum}"]
+            "stages.align.per_device_batch_size=4", "stages.align.gradient_accumulation_steps=auto",
+            "stages.align.global_batch_size=8"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "MASTER_ADDR": "127.0.0.1"}
     return subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
 
 
-def test_ddp_two_processes_match_one_process_with_accumulation(tiny_dir, tmp_path):
-    single = _train(tiny_dir, tmp_path / "single", [sys.executable], micro=4, accum=2)
+def test_same_recipe_same_global_batch_on_one_and_two_processes(tiny_dir, tmp_path):
+    single = _train(tiny_dir, tmp_path / "single", [sys.executable])
     assert single.returncode == 0, single.stderr[-3000:]
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
                 f"--master_port={_free_port()}", "--master_addr=127.0.0.1"]
-    ddp = _train(tiny_dir, tmp_path / "ddp", torchrun, micro=4, accum=1)
+    ddp = _train(tiny_dir, tmp_path / "ddp", torchrun)
     assert ddp.returncode == 0, ddp.stderr[-3000:]
 
     def losses(out: Path) -> list[float]:
@@ -50,8 +52,10 @@ def test_ddp_two_processes_match_one_process_with_accumulation(tiny_dir, tmp_pat
     one, two = losses(tmp_path / "single"), losses(tmp_path / "ddp")
     assert len(one) == len(two) == 4
     assert max(abs(a - b) for a, b in zip(one, two, strict=True)) < 1e-3, (one, two)
-    info = json.loads((tmp_path / "ddp" / "align" / "final" / "stage.json").read_text())
-    assert info["world_size"] == 2
+    for run, world, accum in (("single", 1, 2), ("ddp", 2, 1)):
+        info = json.loads((tmp_path / run / "align" / "final" / "stage.json").read_text())
+        assert (info["world_size"], info["micro_batch"], info["gradient_accumulation_steps"]) == (world, 4, accum)
+        assert info["global_batch"] == 8
     for file in ("adapter_model.safetensors", "projector.safetensors"):
         a, b = load_file(tmp_path / "single" / "align" / "final" / file), load_file(tmp_path / "ddp" / "align" / "final" / file)
         worst = max((a[k] - b[k]).abs().max().item() for k in a)

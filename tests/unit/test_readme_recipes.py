@@ -11,7 +11,7 @@ import yaml
 from qlora_med.config.schema import StageConfig
 
 ROOT = Path(__file__).resolve().parents[2]
-HEADER = "| recipe | stages | micro-batch × accumulation (per device) | optimizer | what |"
+HEADER = "| recipe | stages | global batch | micro-batch × accumulation (per device) | optimizer | what |"
 DEFAULTS = {f.name: f.default for f in dataclasses.fields(StageConfig)}
 
 
@@ -32,15 +32,23 @@ def _per_stage(stages: list[dict], fmt) -> str:
 
 
 def recipe_table() -> str:
-    rows = [HEADER, "|---|---|---|---|---|"]
+    rows = [HEADER, "|---|---|---|---|---|---|"]
     for path in sorted((ROOT / "recipes").glob("*.yaml")):
         stages = yaml.safe_load(path.read_text())["stages"]
         batch = _per_stage(
             stages, lambda s: f"{_get(s, 'per_device_batch_size')} × {_get(s, 'gradient_accumulation_steps')}"
         )
+        glob = _per_stage(
+            stages,
+            lambda s: (
+                f"{_get(s, 'global_batch_size')} (any GPU count)"
+                if _get(s, "global_batch_size")
+                else "micro × accumulation × GPUs"
+            ),
+        )
         optim = _per_stage(stages, lambda s: f"`{_get(s, 'optim')}`")
         names = " → ".join(s["name"] for s in stages)
-        rows.append(f"| `recipes/{path.name}` | {names} | {batch} | {optim} | {_what(path)} |")
+        rows.append(f"| `recipes/{path.name}` | {names} | {glob} | {batch} | {optim} | {_what(path)} |")
     return "\n".join(rows)
 
 

@@ -39,5 +39,5 @@ def test_explicit_batch_is_kept():
 
 
 def test_half_auto_is_rejected():
-    with pytest.raises(ConfigError, match="set both per_device_batch_size and gradient_accumulation_steps to auto"):
+    with pytest.raises(ConfigError, match="per_device_batch_size auto needs gradient_accumulation_steps auto"):
         load_recipe(ROOT / "recipes" / "demo_cpu.yaml", AUTO[:1])
