@@ -7,6 +7,24 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from qlora_med.errors import QloraMedError
+
+
+def check_launch() -> None:
+    """Refuse a launch that asked for several processes but runs one.
+
+    ``accelerate launch --cpu --num_processes N`` (and ``--cpu`` with an FSDP or multi-GPU config) goes to
+    accelerate's simple launcher: it sets ``MASTER_ADDR``/``MASTER_PORT`` for N > 1 but starts one process,
+    without ``WORLD_SIZE``, so training would silently run on one process without DDP or FSDP.
+    """
+    env = os.environ
+    if "ACCELERATE_USE_CPU" in env and "MASTER_PORT" in env and "WORLD_SIZE" not in env:
+        raise QloraMedError(
+            "accelerate launch asked for several processes, but its CPU launcher started only this one "
+            "(no WORLD_SIZE; FSDP/multi-GPU configs are ignored with --cpu): for DDP on CPU run "
+            "`torchrun --nproc_per_node N -m qlora_med.cli run RECIPE` (gloo); FSDP and DeepSpeed need GPUs"
+        )
+
 
 def launched_ranks() -> tuple[int, int]:
     """(rank, world size) from the launcher's environment; (0, 1) for a plain process."""

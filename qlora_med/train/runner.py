@@ -26,7 +26,7 @@ from qlora_med.model.build import base_model_dir
 from qlora_med.model.load import load_model, num_image_tokens, resolve_compute_dtype
 from qlora_med.patches.select import apply_kernels
 from qlora_med.train.autobatch import resolve_batch
-from qlora_med.train.distributed import is_main_process, launched_ranks, main_process_first
+from qlora_med.train.distributed import check_launch, is_main_process, launched_ranks, main_process_first
 from qlora_med.train.oom import BatchPlan, train_with_oom_fallback
 from qlora_med.train.report import plot_loss, stage_record
 from qlora_med.train.trainable import check_continued_adapter, setup_trainable
@@ -102,6 +102,7 @@ def train_stage(recipe: RecipeConfig, stage: StageConfig) -> dict:
 
 def run_recipe(recipe: RecipeConfig, only: str | None = None) -> list[dict]:
     """Run every stage in order (or only ``only``), skipping finished ones."""
+    check_launch()
     validate_paths(recipe)
     if is_main_process():
         Path(recipe.output_dir).mkdir(parents=True, exist_ok=True)

@@ -61,3 +61,14 @@ def test_same_recipe_same_global_batch_on_one_and_two_processes(tiny_dir, tmp_pa
         worst = max((a[k] - b[k]).abs().max().item() for k in a)
         assert worst < 1e-4, f"{file}: max abs diff {worst}"
     assert "[rank 1]" not in ddp.stderr or "INFO" not in ddp.stderr.split("[rank 1]")[1][:20]
+
+
+def test_accelerate_cpu_launcher_with_several_processes_is_refused(tiny_dir, tmp_path):
+    """`accelerate launch --cpu --num_processes 2` starts one process: the kit says so instead of training alone."""
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    proc = _train(tiny_dir, tmp_path / "run", launcher)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "its CPU launcher started only this one" in proc.stderr and "torchrun --nproc_per_node" in proc.stderr
+    # accelerate's launcher then prints its own traceback for the child's exit status; ours has none
+    assert "qlora_med/" not in proc.stderr.split("Traceback")[-1] and not (tmp_path / "run" / "align").exists()
