@@ -275,7 +275,10 @@ class RecipeConfig:
     stages: list[StageConfig] = _f(help="curriculum stages, run in order")
     lora: LoraConfig = _f(LoraConfig(), "LoRA adapter settings")
     seed: int = _f(42, "seed for adapter init, data order and dropout")
-    report_to: str = _f("none", "transformers report_to (none, tensorboard, wandb)")
+    report_to: Literal["none", "tensorboard", "wandb", "mlflow", "trackio"] = _f(
+        "none", "experiment tracker the HF Trainer logs to (tensorboard: <output_dir>/<stage>/runs/); its "
+        "package must be installed"
+    )
     kernels: KernelsConfig = _f(KernelsConfig(), "fused kernels and loss path (qlora_med.patches.select)")
 
     def __post_init__(self) -> None:

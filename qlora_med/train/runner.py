@@ -102,7 +102,10 @@ def train_stage(recipe: RecipeConfig, stage: StageConfig) -> dict:
 
 def run_recipe(recipe: RecipeConfig, only: str | None = None) -> list[dict]:
     """Run every stage in order (or only ``only``), skipping finished ones."""
+    from qlora_med.train.trainer import check_tracker
+
     check_launch()
+    check_tracker(recipe.report_to)
     validate_paths(recipe)
     if is_main_process():
         Path(recipe.output_dir).mkdir(parents=True, exist_ok=True)

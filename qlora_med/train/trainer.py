@@ -27,6 +27,7 @@ from trl import SFTConfig, SFTTrainer
 
 from qlora_med.artifacts.adapter import load_trainable, save_trainable
 from qlora_med.config.schema import StageConfig
+from qlora_med.errors import ConfigError
 from qlora_med.model.load import projector_module
 from qlora_med.train.checkpoints import mark_complete, rotate_checkpoints
 
@@ -52,6 +53,19 @@ PRIVATE_API: tuple[PrivateName, ...] = (
     PrivateName(SFTTrainer, "_metrics", True, "per-mode metric lists SFTTrainer.log averages; our loss paths fill them"),
     PrivateName(SFTTrainer, "_total_train_tokens", True, "TRL's running token count, logged as num_tokens"),
 )
+
+
+TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "trackio": "trackio"}
+
+
+def check_tracker(report_to: str) -> None:
+    """A ConfigError naming the package to install when ``report_to``'s tracker is missing."""
+    import importlib.util
+
+    package = TRACKER_PACKAGES.get(report_to)
+    if package is not None and importlib.util.find_spec(package) is None:
+        raise ConfigError(f"report_to: {report_to} needs the `{package}` package, which is not installed: "
+                          f"`pip install {package}` (or `pip install -e .[tracking]`), or set report_to: none")
 
 
 def sft_config(stage: StageConfig, output_dir: Path, seed: int, compute_dtype: torch.dtype, report_to: str) -> SFTConfig:
