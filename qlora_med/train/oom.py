@@ -19,7 +19,11 @@ from typing import TYPE_CHECKING
 import torch
 
 from qlora_med.errors import QloraMedError
-from qlora_med.train.checkpoints import last_complete_checkpoint, remove_incomplete_checkpoints
+from qlora_med.train.checkpoints import (
+    last_complete_checkpoint,
+    remove_incomplete_checkpoints,
+    set_aside_bad_checkpoints,
+)
 
 if TYPE_CHECKING:
     from qlora_med.train.trainer import StageTrainer
@@ -53,6 +57,7 @@ def train_with_oom_fallback(make_trainer: Callable[[BatchPlan], StageTrainer], p
     while True:
         trainer = make_trainer(plan)
         remove_incomplete_checkpoints(output_dir)
+        set_aside_bad_checkpoints(output_dir)
         resume = last_complete_checkpoint(output_dir)
         if resume is not None:
             logger.info("resuming from %s", resume)
