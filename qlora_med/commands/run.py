@@ -12,6 +12,9 @@ HELP = "run every stage of a recipe in order (finished stages are skipped, unfin
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("recipe", help="recipe YAML (see recipes/)")
+    parser.add_argument("--restart-changed", action="store_true",
+                        help="a stage folder trained with other settings: set it aside (<stage>.changed-<time>) "
+                        "and train the stage again, instead of refusing")
     parser.add_argument("overrides", nargs="*", help="dotted.key=value, e.g. stages.align.max_steps=10")
 
 
@@ -20,5 +23,5 @@ def main(args: argparse.Namespace) -> int:
     from qlora_med.train.runner import run_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
-    summarise(run_recipe(recipe), recipe.output_dir)
+    summarise(run_recipe(recipe, restart_changed=args.restart_changed), recipe.output_dir)
     return 0

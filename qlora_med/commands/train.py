@@ -13,6 +13,9 @@ HELP = "run one stage of a recipe (it starts from the previous stage's final out
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("recipe", help="recipe YAML")
     parser.add_argument("--stage", required=True, help="stage name, as in the recipe's stages list")
+    parser.add_argument("--restart-changed", action="store_true",
+                        help="a stage folder trained with other settings: set it aside (<stage>.changed-<time>) "
+                        "and train the stage again, instead of refusing")
     parser.add_argument("overrides", nargs="*", help="dotted.key=value")
 
 
@@ -21,5 +24,5 @@ def main(args: argparse.Namespace) -> int:
     from qlora_med.train.runner import run_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
-    summarise(run_recipe(recipe, only=args.stage), recipe.output_dir)
+    summarise(run_recipe(recipe, only=args.stage, restart_changed=args.restart_changed), recipe.output_dir)
     return 0

@@ -29,6 +29,7 @@ from qlora_med.train.autobatch import resolve_batch
 from qlora_med.train.distributed import check_launch, is_main_process, launched_ranks, main_process_first
 from qlora_med.train.oom import BatchPlan, train_with_oom_fallback
 from qlora_med.train.report import plot_loss, stage_record
+from qlora_med.train.settings import changed_settings, check_unchanged, set_aside
 from qlora_med.train.trainable import check_continued_adapter, setup_trainable
 
 logger = logging.getLogger(__name__)
@@ -100,17 +101,41 @@ def train_stage(recipe: RecipeConfig, stage: StageConfig) -> dict:
     return info
 
 
-def run_recipe(recipe: RecipeConfig, only: str | None = None) -> list[dict]:
-    """Run every stage in order (or only ``only``), skipping finished ones."""
+def _check_stage_folders(recipe: RecipeConfig, stages: list[StageConfig], restart: bool) -> None:
+    restarted = False
+    for stage in stages:
+        folder = stage_dir(recipe, stage)
+        if not folder.is_dir():
+            continue
+        if restarted and restart:  # it started from a stage that now trains again
+            aside = set_aside(folder)
+            logger.warning("stage %s: an earlier stage trains again; its previous folder is kept as %s",
+                           stage.name, aside)
+            continue
+        state = "finished" if (folder / "final").is_dir() else "started"
+        restarted |= check_unchanged(folder, recipe, stage, state, restart)
+
+
+def run_recipe(recipe: RecipeConfig, only: str | None = None, restart_changed: bool = False) -> list[dict]:
+    """Run every stage in order (or only ``only``), skipping finished ones. A stage folder trained with other
+    weight-shaping settings is refused, or with ``restart_changed`` set aside and trained again (with every
+    later stage of this run, which started from it)."""
     from qlora_med.train.trainer import check_tracker
 
     check_launch()
     check_tracker(recipe.report_to)
     validate_paths(recipe)
+    stages = [recipe.stage(only)] if only else recipe.stages
+    with main_process_first():  # rank 0 sets folders aside first; the others then find them gone
+        _check_stage_folders(recipe, stages, restart_changed and is_main_process())
+    others = [s.name for s in recipe.stages if s not in stages and changed_settings(stage_dir(recipe, s), recipe, s)]
     if is_main_process():
         Path(recipe.output_dir).mkdir(parents=True, exist_ok=True)
-        save_resolved(recipe, Path(recipe.output_dir) / "resolved_config.yaml")
-    stages = [recipe.stage(only)] if only else recipe.stages
+        if others:  # the run-level record must not claim settings those stages were not trained with
+            logger.warning("not updating %s/resolved_config.yaml: stage(s) %s were trained with other settings",
+                           recipe.output_dir, ", ".join(others))
+        else:
+            save_resolved(recipe, Path(recipe.output_dir) / "resolved_config.yaml")
     for stage in stages:  # an init_from adapter is checked now, not after the stages before it have trained
         if stage.init_from is not None and not (stage_dir(recipe, stage) / "final").is_dir():
             check_continued_adapter(stage, recipe.lora, Path(stage.init_from))
