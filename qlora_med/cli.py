@@ -10,7 +10,7 @@ import sys
 from types import ModuleType
 
 from qlora_med import __version__, commands
-from qlora_med.errors import QloraMedError
+from qlora_med.errors import QloraMedError, describe_failure
 from qlora_med.train.distributed import quiet_non_main_ranks
 
 
@@ -61,10 +61,20 @@ def main(argv: list[str] | None = None) -> int:
     if not hasattr(args, "func"):
         parser.print_help()
         return 2
+    log = logging.getLogger("qlora_med")
     try:
         return int(args.func(args) or 0)
     except QloraMedError as err:
-        logging.getLogger("qlora_med").error("%s", err)
+        log.error("%s", err)
+        return 1
+    except KeyboardInterrupt:
+        log.error("interrupted (Ctrl-C); a training run resumes from its last checkpoint with the same command")
+        return 130
+    except Exception as err:  # the one error boundary: one line and a non-zero exit; -v for the traceback
+        if args.verbose:
+            log.exception("%s", describe_failure(err))
+        else:
+            log.error("%s", describe_failure(err))
         return 1
 
 

@@ -30,6 +30,7 @@ from qlora_med.train.distributed import check_launch, is_main_process, launched_
 from qlora_med.train.oom import BatchPlan, train_with_oom_fallback
 from qlora_med.train.report import plot_loss, stage_record
 from qlora_med.train.settings import changed_settings, check_unchanged, set_aside
+from qlora_med.train.signals import Interrupted, StopOnSignal
 from qlora_med.train.trainable import check_continued_adapter, setup_trainable
 
 logger = logging.getLogger(__name__)
@@ -64,6 +65,8 @@ def train_stage(recipe: RecipeConfig, stage: StageConfig) -> dict:
     )
     logger.info("stage %s: %d samples (template %s): %s", stage.name, len(dataset), stage.template, stats.summary())
 
+    stop = StopOnSignal()
+
     def make_trainer(plan: BatchPlan) -> StageTrainer:
         args = sft_config(stage, out, recipe.seed, compute_dtype, recipe.report_to)
         args.per_device_train_batch_size = plan.micro_batch
@@ -78,10 +81,15 @@ def train_stage(recipe: RecipeConfig, stage: StageConfig) -> dict:
             projector_lr=stage.projector_lr,
             save_total_limit=stage.save_total_limit,
             loss_mode=kernels.loss,
+            callbacks=[stop],
         )
 
     plan = BatchPlan(*resolve_batch(recipe, stage, launched_ranks()[1]))
     trainer, plan = train_with_oom_fallback(make_trainer, plan, out)
+    if stop.received is not None:
+        step = trainer.state.global_step
+        raise Interrupted(f"stage {stage.name}: stopped by {stop.received} after step {step}; checkpoint "
+                          f"{out / f'checkpoint-{step}'} is saved: run the same command to resume from it")
 
     info = stage_record(recipe, stage, trainer=trainer, model=model, base_dir=base_dir, previous=previous,
                         compute_dtype=compute_dtype, plan=plan, samples=len(dataset), stats=stats, kernels=kernels,
