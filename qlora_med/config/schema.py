@@ -251,6 +251,12 @@ class StageConfig:
                     "global_batch_size"):
             if getattr(self, key) not in ("auto", None) and getattr(self, key) <= 0:
                 problems.append(f"{where}.{key} must be positive, got {getattr(self, key)}")
+        for key in ("learning_rate", "projector_lr", "num_epochs", "max_grad_norm"):
+            value = getattr(self, key)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                problems.append(f"{where}.{key} must be a positive finite number, got {value}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            problems.append(f"{where}.weight_decay must be >= 0 and finite, got {self.weight_decay}")
         if not 0 <= self.warmup_ratio < 1:
             problems.append(f"{where}.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.max_steps == 0 or self.max_steps < -1:

@@ -27,6 +27,7 @@ from qlora_med.model.load import load_model, num_image_tokens, resolve_compute_d
 from qlora_med.patches.select import apply_kernels
 from qlora_med.train.autobatch import resolve_batch
 from qlora_med.train.distributed import check_launch, is_main_process, launched_ranks, main_process_first
+from qlora_med.train.lock import run_lock
 from qlora_med.train.oom import BatchPlan, train_with_oom_fallback
 from qlora_med.train.report import plot_loss, stage_record
 from qlora_med.train.settings import changed_settings, check_unchanged, set_aside
@@ -133,6 +134,13 @@ def run_recipe(recipe: RecipeConfig, only: str | None = None, restart_changed: b
     check_launch()
     check_tracker(recipe.report_to)
     validate_paths(recipe)
+    if is_main_process():
+        with run_lock(Path(recipe.output_dir)):
+            return _run_stages(recipe, only, restart_changed)
+    return _run_stages(recipe, only, restart_changed)
+
+
+def _run_stages(recipe: RecipeConfig, only: str | None, restart_changed: bool) -> list[dict]:
     stages = [recipe.stage(only)] if only else recipe.stages
     with main_process_first():  # rank 0 sets folders aside first; the others then find them gone
         _check_stage_folders(recipe, stages, restart_changed and is_main_process())

@@ -48,3 +48,4 @@ def test_auto_accumulation_needs_a_global_batch() -> None:
         ConfigError, match="per_device_batch_size auto needs gradient_accumulation_steps auto"
     ):
         stage(per_device_batch_size="auto", gradient_accumulation_steps=4, global_batch_size=128)
+
