@@ -48,7 +48,9 @@ def test_dry_run_lists_files_and_card_without_network(folder, monkeypatch, capsy
 
     monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens there
     monkeypatch.delenv("HF_TOKEN", raising=False)
+    before = {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
     assert cli.main(["push", str(folder), "--repo-id", "me/tiny", "--dry-run"]) == 0
+    assert {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()} == before  # a dry run writes nothing
     out = capsys.readouterr().out
     assert "model.safetensors" in out and "200.1 KB" in out and "config.json" in out and ".cache" not in out
     assert "# tiny" in out and "Not for clinical use." in out
