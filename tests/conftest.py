@@ -11,6 +11,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "data" / "sample"
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")  # TRL pings {HF_ENDPOINT}/api/telemetry: nothing leaves the machine
 
 
 def pytest_collection_modifyitems(config, items):

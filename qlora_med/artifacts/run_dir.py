@@ -59,7 +59,7 @@ def previous_final(recipe: RecipeConfig, stage: StageConfig) -> Path | None:
         return None
     final = stage_dir(recipe, recipe.stages[index - 1]) / FINAL
     if not final.is_dir():
-        raise FileNotFoundError(
+        raise QloraMedError(
             f"stage '{stage.name}' starts from '{recipe.stages[index - 1].name}', which has no {final}; "
             "run the earlier stage first (qlora-med run runs all stages in order)"
         )

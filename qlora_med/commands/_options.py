@@ -27,6 +27,21 @@ def add_generation_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+COLUMN_FIELDS = ("image", "question", "answer", "answer_type", "id", "question_type", "language")  # sources.TABLE_COLUMNS
+DATA_HELP = ("a LLaVA-Med JSON/JSONL file; or parquet (a .parquet file, a glob in quotes, or a folder of them); "
+             "or hf:ORG/NAME[@REVISION], a Hub dataset (HF_HUB_OFFLINE=1: the cache only)")
+
+
+def add_source_arguments(parser: argparse.ArgumentParser, split: str) -> None:
+    """``--split``, ``--revision`` and ``--column`` for a parquet or Hub ``--data``/``FILE`` argument."""
+    parser.add_argument("--split", default=split,
+                        help=f"split of a Hub dataset or parquet folder (default {split})")
+    parser.add_argument("--revision", default=None, help="Hub dataset branch, tag or commit (default: main)")
+    parser.add_argument("--column", action="append", default=[], metavar="FIELD=COLUMN",
+                        help=f"parquet/Hub column of FIELD ({', '.join(COLUMN_FIELDS)}) when not the default, "
+                             "e.g. --column image=img_name; repeatable")
+
+
 def summarise(results: list[dict], output_dir: str) -> None:
     for info in results:
         logger.info("%-10s loss %s -> %s  steps %s  (%s s)", info["stage"], _fmt(info["loss_first"]),

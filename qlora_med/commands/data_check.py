@@ -6,16 +6,19 @@ import argparse
 import sys
 from pathlib import Path
 
+from qlora_med.commands._options import DATA_HELP, add_source_arguments
 from qlora_med.prompts.templates import TEMPLATES
 
 NAME = "data check"
-HELP = "check a LLaVA-Med data file (any format): images, roles, <image>, duplicate ids, token lengths"
+HELP = "check a LLaVA-Med data file (any format) or a parquet/Hub VQA set: images, roles, <image>, ids, token lengths"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("file", type=Path, metavar="FILE", help="JSON list or JSONL (alignment, instruct or VQA)")
-    parser.add_argument("--image-folder", type=Path, required=True, metavar="DIR",
-                        help="folder the records' `image` paths are relative to")
+    parser.add_argument("file", metavar="FILE", help=DATA_HELP + " (JSON: alignment, instruct or VQA)")
+    parser.add_argument("--image-folder", type=Path, default=None, metavar="DIR",
+                        help="folder the records' `image` paths are relative to (JSON: required; parquet/Hub: only "
+                             "for an image column of paths)")
+    add_source_arguments(parser, "train")
     parser.add_argument("--tokenizer", default=None, metavar="DIR_OR_MODEL",
                         help="tokenizer or LLaVA model dir (default: the Mistral-7B-Instruct-v0.2 tokenizer, offline)")
     parser.add_argument("--template", choices=sorted(TEMPLATES), default=None,
@@ -30,14 +33,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from qlora_med.data.check import check_file, load_tokenizer, plot_lengths
+    from qlora_med.data.check import check_file, check_table, load_tokenizer, plot_lengths
+    from qlora_med.data.tables import cli_source
+    from qlora_med.errors import QloraMedError
 
+    source = cli_source(args.file, args.image_folder, args.split, args.revision, args.column)
+    if source is None and args.image_folder is None:
+        raise QloraMedError(f"{args.file}: a JSON/JSONL file needs --image-folder (the folder its `image` paths "
+                            "are relative to)")
     tokenizer, n_image = load_tokenizer(args.tokenizer, args.image_token)
-    report = check_file(
-        args.file, args.image_folder, tokenizer, template=args.template, max_length=args.max_length,
-        num_image_tokens=args.num_image_tokens or n_image, image_token=args.image_token,
-        workers=args.workers, listed=args.list,
-    )
+    options = {"template": args.template, "max_length": args.max_length, "image_token": args.image_token,
+               "num_image_tokens": args.num_image_tokens or n_image, "workers": args.workers, "listed": args.list}
+    if source is not None:
+        report = check_table(source, tokenizer, **options)
+    else:
+        report = check_file(args.file, args.image_folder, tokenizer, **options)
     text = report.text()
     if args.histogram is not None:
         plot_lengths(report, args.histogram)

@@ -8,6 +8,7 @@ import json
 import sys
 from pathlib import Path
 
+from qlora_med.commands._options import DATA_HELP, add_source_arguments
 from qlora_med.eval.metrics import (
     PAPER_KEYS,
     STRICT_KEYS,
@@ -32,9 +33,8 @@ _COLUMNS = (
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--data", type=Path, required=True, help="LLaVA-Med VQA test file (JSON list or JSONL)"
-    )
+    parser.add_argument("--data", required=True, help="VQA test set: " + DATA_HELP)
+    add_source_arguments(parser, "test")
     parser.add_argument("--pred", type=Path, required=True, help="prediction JSONL (question_id, text, ...)")
     parser.add_argument("--json", action="store_true", help="print the full report as JSON")
 
@@ -71,7 +71,10 @@ def render_table(report: VqaReport) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
-    report = score_vqa(load_vqa_examples(args.data, args.pred))
+    from qlora_med.data.tables import cli_source
+
+    source = cli_source(args.data, None, args.split, args.revision, args.column)
+    report = score_vqa(load_vqa_examples(Path(args.data), args.pred, source))
     if args.json:
         payload = {"data": str(args.data), "pred": str(args.pred), **dataclasses.asdict(report)}
         sys.stdout.write(json.dumps(payload, indent=2) + "\n")

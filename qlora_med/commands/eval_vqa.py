@@ -6,6 +6,7 @@ import argparse
 import logging
 from pathlib import Path
 
+from qlora_med.commands._options import DATA_HELP, add_source_arguments
 from qlora_med.errors import QloraMedError
 
 NAME = "eval vqa"
@@ -18,13 +19,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="run dir, stage final/, checkpoint-N/ or merged model")
     parser.add_argument(
         "--data",
-        type=Path,
         required=True,
-        help="VQA test file (id, image, conversations) or qa50 JSONL (question_id, image, text)",
+        help="VQA test set: " + DATA_HELP + "; JSON: id, image, conversations (or qa50: question_id, image, text)",
     )
     parser.add_argument(
-        "--image-folder", type=Path, required=True, help="folder the 'image' paths are relative to"
+        "--image-folder",
+        type=Path,
+        default=None,
+        help="folder the 'image' paths are relative to (JSON: required; parquet/Hub: only for paths, not embedded images)",
     )
+    add_source_arguments(parser, "test")
     parser.add_argument(
         "--out", type=Path, required=True, help="prediction JSONL; re-running skips answered ids"
     )
@@ -53,7 +57,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     from transformers import set_seed
 
-    from qlora_med.eval.generate import Generator, Sampling, load_questions, run_vqa
+    from qlora_med.data.tables import cli_source
+    from qlora_med.eval.generate import Generator, Sampling, load_questions, load_table_questions, run_vqa
 
     if args.batch_size < 1 or (args.limit is not None and args.limit < 1):
         raise QloraMedError("--batch-size and --limit must be >= 1")
@@ -61,7 +66,13 @@ def main(args: argparse.Namespace) -> int:
         sampling = Sampling(args.max_new_tokens, args.temperature, args.top_p)
     except ValueError as err:
         raise QloraMedError(str(err)) from None
-    questions = load_questions(args.data, args.image_folder)[: args.limit]
+    source = cli_source(args.data, args.image_folder, args.split, args.revision, args.column)
+    if source is None and args.image_folder is None:
+        raise QloraMedError(f"{args.data}: a JSON/JSONL test file needs --image-folder")
+    if source is not None:
+        questions = load_table_questions(source)[: args.limit]
+    else:
+        questions = load_questions(Path(args.data), args.image_folder)[: args.limit]
     set_seed(args.seed)
     generator = Generator.load(args.model, args.dtype)
     model_id = args.model_id or Path(args.model).resolve().name

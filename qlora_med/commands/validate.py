@@ -1,6 +1,8 @@
 """``qlora-med validate RECIPE``: check a recipe (keys, types, values, combinations, files) without loading a model.
 
-Every problem is reported at once; ``--no-files`` skips only the checks that files and folders exist.
+Every problem is reported at once; ``--no-files`` skips only the checks that files and folders exist. Each model
+is logged with its kind, read from its config.json: a local folder's, or a Hub model's (that one file is fetched
+into the HF cache; ``HF_HUB_OFFLINE=1``: from the cache only).
 """
 
 from __future__ import annotations
@@ -22,10 +24,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     from qlora_med.config.files import validate_paths
     from qlora_med.config.loader import load_recipe
+    from qlora_med.model.source import hub_file  # huggingface_hub only, no torch
 
     recipe = load_recipe(args.recipe, args.overrides)
     if not args.no_files:
-        validate_paths(recipe)
+        for source in validate_paths(recipe, hub_config=hub_file):
+            logger.info("%s", source)
     for stage in recipe.stages:
         logger.info("%s: %-8s template=%s train=%s lr=%g projector_lr=%g", stage.name, stage.kind, stage.template,
                     stage.train, stage.learning_rate, stage.projector_lr)

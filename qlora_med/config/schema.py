@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from qlora_med.config.problems import raise_problems
+from qlora_med.config.sources import source_problems
 from qlora_med.config.stages import STAGE_PRESETS, TrainSpec
 from qlora_med.errors import ConfigError
 from qlora_med.prompts.templates import TEMPLATES
@@ -55,10 +56,23 @@ class ModelConfig:
     """Where the LLaVA comes from and how it is quantized."""
 
     name_or_path: str | None = _f(
-        None, "HF-format LLaVA checkpoint dir (LlavaForConditionalGeneration + processor)"
+        None,
+        "LLaVA checkpoint: a local folder, or a Hub id org/name[@revision] downloaded into the HF cache "
+        "(HF_HUB_CACHE); HF layout (model_type llava: LlavaForConditionalGeneration + processor) or LLaVA's "
+        "original layout (llava_mistral / llava_llama, e.g. microsoft/llava-med-v1.5-mistral-7b)",
     )
-    vision_tower: str | None = _f(None, "compose mode: CLIP vision model dir")
-    llm: str | None = _f(None, "compose mode: LLM dir (Mistral or Llama family)")
+    revision: str | None = _f(
+        None,
+        "Hub branch, tag or commit of name_or_path (default: the main branch); same as org/name@revision",
+    )
+    allow_pickle: bool = _f(
+        False,
+        "accept pickle weights (.bin/.pt: loading them can run code) from Hub repos without safetensors",
+    )
+    vision_tower: str | None = _f(
+        None, "compose mode: CLIP vision model, a local folder or Hub id org/name[@rev]"
+    )
+    llm: str | None = _f(None, "compose mode: LLM (Mistral or Llama family), a local folder or Hub id")
     projector_type: Literal["linear", "mlp2x_gelu"] = _f("mlp2x_gelu", "compose mode: fresh projector type")
     vision_feature_layer: int = _f(-2, "compose mode: CLIP layer whose features feed the projector")
     image_token: str = _f("<image>", "placeholder token for the image in prompts")
@@ -87,6 +101,22 @@ class ModelConfig:
             problems.append("model: set either model.name_or_path or model.vision_tower + model.llm, not both")
         if self.tiny is not None and self.name_or_path is None:
             problems.append("model.tiny: needs model.name_or_path (the directory to build the tiny model in)")
+        if self.revision is not None:
+            pinned = (self.name_or_path or "").partition("@")[2]
+            if not self.revision.strip() or any(c.isspace() for c in self.revision):
+                problems.append(f"model.revision: '{self.revision}' is not a branch, tag or commit")
+            elif self.name_or_path is None:
+                problems.append(
+                    "model.revision: pins model.name_or_path only; in compose mode write "
+                    "org/name@revision in model.vision_tower / model.llm"
+                )
+            elif self.tiny is not None:
+                problems.append("model.revision: a tiny model is built locally, it has no Hub revision")
+            elif pinned and pinned != self.revision:
+                problems.append(
+                    f"model.revision: '{self.revision}' differs from the '@{pinned}' in "
+                    f"model.name_or_path '{self.name_or_path}'; give the revision once"
+                )
         raise_problems(problems)
 
 
@@ -140,10 +170,27 @@ class KernelsConfig:
 
 @dataclass
 class DataConfig:
-    """One training data source in a LLaVA-Med format; a stage may mix several (see ``weight``)."""
+    """One training data source; a stage may mix several (see ``weight``). Kinds: ``qlora_med.config.sources``."""
 
-    path: str = _f(help="JSON list or JSONL of LLaVA-Med records")
-    image_folder: str = _f(help="folder the records' `image` paths are relative to")
+    path: str | None = _f(
+        None, "JSON list or JSONL of LLaVA-Med records; or parquet with one question per row: a .parquet "
+        "file, a glob (data/vqa_rad/*.parquet) or a folder of them (its `split` found by file name, as on the Hub)"
+    )
+    image_folder: str | None = _f(
+        None, "folder the records' `image` paths are relative to; parquet/Hub sources need it only when "
+        "their image column holds paths instead of embedded images"
+    )
+    hf: str | None = _f(None, "instead of path: a Hub dataset id org/name (e.g. flaviagiammarino/vqa-rad), "
+                        "read with `datasets` into the HF cache; HF_HUB_OFFLINE=1 uses the cache only")
+    split: str = _f("train", "split of a Hub dataset or parquet folder")
+    revision: str | None = _f(None, "Hub dataset branch, tag or commit (default: the main branch)")
+    columns: dict[str, str] = _f(
+        {}, "parquet/Hub column names by field: image, question, answer, answer_type, id, question_type, "
+        "language (e.g. {image: img_name}); a field not named takes its default column "
+        "(qlora_med.config.sources.TABLE_COLUMNS); no answer_type column: CLOSED for yes/no answers, else OPEN"
+    )
+    language: str | None = _f("en", "parquet/Hub sources with a language column (SLAKE's q_lang): keep only "
+                              "rows in this language; null keeps all")
     name: str | None = _f(
         None, "label in logs; in a list of sources, the override address (stages.S.data.NAME.weight=2)"
     )
@@ -216,6 +263,7 @@ class StageConfig:
         if not self.data:
             problems.append(f"{where}.data: no data sources; give a mapping or a list of them")
         for data_where, source in zip(data_addresses(self), self.data, strict=True):
+            problems += source_problems(source, data_where)
             if not (math.isfinite(source.weight) and source.weight > 0):
                 problems.append(f"{data_where}.weight must be a positive number, got {source.weight}")
             if source.max_records is not None and source.max_records <= 0:

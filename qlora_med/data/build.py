@@ -22,8 +22,10 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import datasets
 import numpy as np
@@ -31,10 +33,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from filelock import FileLock
 
+from qlora_med.config.files import is_table_path
 from qlora_med.config.schema import DataConfig, StageConfig
+from qlora_med.config.sources import source_name
 from qlora_med.data import cache
-from qlora_med.data.encoder import IMAGE_CUT, NO_ANSWER, SCHEMA, BatchEncoder, EncodeSpec
-from qlora_med.data.records import SkipLog, iter_records
+from qlora_med.data.encoder import EMBEDDED_SCHEMA, IMAGE_CUT, NO_ANSWER, SCHEMA, BatchEncoder, EncodeSpec
+from qlora_med.data.records import Record, SkipLog, check_records, iter_records
 from qlora_med.errors import DataError, QloraMedError
 
 logger = logging.getLogger(__name__)
@@ -43,7 +47,9 @@ RECORDS_SCHEMA = pa.schema(
     [("id", pa.string()), ("image", pa.string()), ("questions", pa.list_(pa.string())),
      ("answers", pa.list_(pa.string()))]
 )
+EMBEDDED_RECORDS_SCHEMA = RECORDS_SCHEMA.append(pa.field("image_bytes", pa.large_binary()))
 PARALLEL_MIN_RECORDS = 20_000  # below this, worker start-up costs more than it saves
+BATCH_BYTES = 64 << 20  # image bytes per Arrow batch of an embedded-image source
 
 
 @dataclass
@@ -109,6 +115,7 @@ class _EncodeTable:
         self.source = source
 
     def __call__(self, table: pa.Table) -> pa.Table:
+        embedded = "image_bytes" in table.column_names
         ids = table.column("id").to_pylist()
         rounds = [list(zip(q, a, strict=True)) for q, a in
                   zip(table.column("questions").to_pylist(), table.column("answers").to_pylist(), strict=True)]
@@ -117,56 +124,97 @@ class _EncodeTable:
             if reason == IMAGE_CUT:
                 raise QloraMedError(f"{self.source}: record {ids[row]}: {message}")
         keep = pa.array(out.keep)
-        return pa.Table.from_arrays(
-            [table.column("id").take(keep), table.column("image").take(keep), out.input_ids, out.labels,
-             pa.array(out.num_tokens[out.keep].astype(np.int32))],
-            schema=SCHEMA,
-        )
+        columns = [table.column("id").take(keep), table.column("image").take(keep), out.input_ids, out.labels,
+                   pa.array(out.num_tokens[out.keep].astype(np.int32))]
+        if embedded:
+            columns.append(table.column("image_bytes").take(keep))
+        return pa.Table.from_arrays(columns, schema=EMBEDDED_SCHEMA if embedded else SCHEMA)
 
 
-def _write_records(records, path: Path, batch: int = 10_000) -> int:
-    """Stream checked records into an Arrow file; returns how many."""
-    n = 0
-    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, RECORDS_SCHEMA) as writer:
-        cols: list[list] = [[], [], [], []]
+def _write_records(records, path: Path, embedded: bool = False, batch: int = 10_000) -> tuple[int, int]:
+    """Stream checked records into an Arrow file; returns how many and their embedded image bytes."""
+    n, image_bytes, pending = 0, 0, 0
+    schema = EMBEDDED_RECORDS_SCHEMA if embedded else RECORDS_SCHEMA
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, schema) as writer:
+        cols: list[list] = [[] for _ in schema]
         for record in records:
             cols[0].append(record.id)
             cols[1].append(str(record.image))
             cols[2].append([q for q, _ in record.rounds])
             cols[3].append([a for _, a in record.rounds])
+            if embedded:
+                cols[4].append(record.image_bytes)
+                pending += len(record.image_bytes or b"")
             n += 1
-            if len(cols[0]) == batch:
-                writer.write_batch(pa.record_batch(cols, schema=RECORDS_SCHEMA))
-                cols = [[], [], [], []]
+            if len(cols[0]) == batch or pending >= BATCH_BYTES:
+                writer.write_batch(pa.record_batch(cols, schema=schema))
+                cols, image_bytes, pending = [[] for _ in schema], image_bytes + pending, 0
         if cols[0] or n == 0:
-            writer.write_batch(pa.record_batch(cols, schema=RECORDS_SCHEMA))
-    return n
+            writer.write_batch(pa.record_batch(cols, schema=schema))
+    return n, image_bytes + pending
 
 
-def _convert(cfg: DataConfig, tokenizer, spec: EncodeSpec, tmp: Path, stats: SourceStats,
+@dataclass
+class _Source:
+    """One data source, ready to convert: how it is named and keyed, and its checked records."""
+
+    label: str  # the file, or hf:org/name (split S), in messages
+    stem: str  # cache folder prefix
+    key: dict[str, Any]  # what the source is and holds (part of the cache key)
+    records: Callable[[SkipLog], Iterator[Record]]
+    embedded: bool = False  # rows carry their encoded image (the entry gets an image_bytes column)
+
+
+def _open_source(cfg: DataConfig) -> _Source:
+    """A JSON/JSONL file (keyed by its SHA-256) or a parquet/Hub table (keyed by its Arrow files' SHA-256)."""
+    json_file = cfg.hf is None and not is_table_path(cfg.path)
+    if json_file and not Path(cfg.path).is_file():
+        raise DataError(f"{cfg.path}: data file not found")
+    if json_file and cfg.image_folder is None:
+        raise DataError(f"{cfg.path}: a JSON/JSONL source needs data.image_folder")
+    folder = Path(cfg.image_folder).resolve() if cfg.image_folder is not None else None
+    if folder is not None and not folder.is_dir():
+        raise DataError(f"{cfg.image_folder}: image folder not found")
+    folder_key = {"image_folder": str(folder) if folder else None,
+                  "image_folder_mtime_ns": folder.stat().st_mtime_ns if folder else None}
+    checks = (cfg.on_bad_record, cfg.max_records)
+    if json_file:
+        path = Path(cfg.path).resolve()
+        return _Source(str(cfg.path), path.stem, {"source": str(path), "sha256": cache.file_sha256(path), **folder_key},
+                       lambda skips: iter_records(path, folder, *checks, skips, cfg.verify_images))
+    from qlora_med.data.tables import open_table
+
+    table = open_table(cfg)
+    key = {"source": table.identity, "sha256": table.content_sha256(), **folder_key, "columns": table.columns,
+           "language": cfg.language}
+    return _Source(table.label, source_name(cfg), key,
+                   lambda skips: check_records(table.rows(), table.label, folder or Path.cwd(), *checks, skips,
+                                               cfg.verify_images),
+                   embedded=True)
+
+
+def _convert(source: _Source, tokenizer, spec: EncodeSpec, tmp: Path, stats: SourceStats,
              num_proc: int | None) -> list[str]:
     """Check, write and tokenize one source into ``tmp``; fills ``stats``; returns the Arrow file names."""
-    path = Path(cfg.path)
     start = time.perf_counter()
-    skips = SkipLog(path)
+    skips = SkipLog(Path(source.label))
     records_file = tmp / "records.arrow"
-    stats.records = _write_records(
-        iter_records(path, Path(cfg.image_folder).resolve(), cfg.on_bad_record, cfg.max_records, skips,
-                     cfg.verify_images),  # absolute image paths: the entry is shared across working dirs
-        records_file,
-    )
+    # absolute image paths: the entry is shared across working dirs
+    stats.records, image_bytes = _write_records(source.records(skips), records_file, source.embedded)
     stats.skipped, stats.skip_examples = dict(skips.counts), list(skips.examples)
     skips.report()
     if not stats.records:
-        raise DataError(f"{path}: no usable records")
+        raise DataError(f"{source.label}: no usable records")
     stats.check_seconds = round(time.perf_counter() - start, 2)
     parsed = datasets.Dataset.from_file(str(records_file))
     procs = stats.num_proc = num_proc if num_proc is not None else default_num_proc(stats.records)
+    batch = max(16, min(1000, BATCH_BYTES * stats.records // max(image_bytes, 1)))  # bounded image bytes per batch
     encoded = parsed.with_format("arrow").map(
-        _EncodeTable(tokenizer, spec, str(path)), batched=True, batch_size=1000,
+        _EncodeTable(tokenizer, spec, source.label), batched=True, batch_size=batch,
         num_proc=procs if procs > 1 else None, remove_columns=parsed.column_names,
         cache_file_name=str(tmp / "tokens.arrow"), new_fingerprint=tmp.name,
-        features=datasets.Features.from_arrow_schema(SCHEMA), desc=f"tokenizing {path.name}",
+        features=datasets.Features.from_arrow_schema(EMBEDDED_SCHEMA if source.embedded else SCHEMA),
+        desc=f"tokenizing {source.stem}",
     )
     files = [Path(f["filename"]).name for f in encoded.cache_files]
     stats.tokenize_seconds = round(time.perf_counter() - start - stats.check_seconds, 2)
@@ -185,7 +233,7 @@ def _convert(cfg: DataConfig, tokenizer, spec: EncodeSpec, tmp: Path, stats: Sou
 
 def _stats_from(cfg: DataConfig, stats: dict) -> SourceStats:
     restored = SourceStats(**stats)
-    restored.name, restored.weight = cfg.name or Path(cfg.path).stem, cfg.weight
+    restored.name, restored.weight = cfg.name or source_name(cfg), cfg.weight
     return restored
 
 
@@ -193,52 +241,47 @@ def encode_source(cfg: DataConfig, tokenizer, spec: EncodeSpec, cache_dir: Path,
                   num_proc: int | None = None) -> tuple[datasets.Dataset, SourceStats]:
     """The cached, tokenized dataset of one source (converted on first use)."""
     start = time.perf_counter()
-    path, folder = Path(cfg.path).resolve(), Path(cfg.image_folder).resolve()
-    if not path.is_file():
-        raise DataError(f"{cfg.path}: data file not found")
-    if not folder.is_dir():
-        raise DataError(f"{cfg.image_folder}: image folder not found")
+    source = _open_source(cfg)
     key = {
-        "source": str(path), "sha256": cache.file_sha256(path), "image_folder": str(folder),
-        "image_folder_mtime_ns": folder.stat().st_mtime_ns, "on_bad_record": cfg.on_bad_record,
+        **source.key, "on_bad_record": cfg.on_bad_record,
         "verify_images": cfg.verify_images, "max_records": cfg.max_records, "template": spec.template,
         "tokenizer": cache.tokenizer_fingerprint(tokenizer), "max_length": spec.max_length,
         "num_image_tokens": spec.num_image_tokens, "image_token": spec.image_token,
     }
     cache_dir.mkdir(parents=True, exist_ok=True)
-    entry = cache.entry_dir(cache_dir, path, key)
+    entry = cache.entry_dir(cache_dir, Path(source.stem), key)
     with FileLock(str(entry) + ".lock"):
         manifest = cache.read_manifest(entry)
         hit = manifest is not None
         if not hit:
-            logger.info("converting %s (cache: %s)", cfg.path, entry)
+            logger.info("converting %s (cache: %s)", source.label, entry)
             tmp = entry.with_name(f"{entry.name}.tmp-{os.getpid()}")
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir()
             try:
-                stats = SourceStats(name="", path=str(path))
-                files = _convert(cfg, tokenizer, spec, tmp, stats, num_proc)
+                stats = SourceStats(name="", path=key["source"])
+                files = _convert(source, tokenizer, spec, tmp, stats, num_proc)
                 stats.seconds = round(time.perf_counter() - start, 2)
                 manifest = {"key": key, "files": files, "stats": stats.__dict__}
                 cache.publish(tmp, entry, manifest)
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
-            cache.prune_stale(cache_dir, entry, key["source"], key["sha256"])
+            cache.prune_stale(cache_dir, entry, key["source"], key["sha256"], source.stem)
     dataset = cache.load_entry(entry, manifest)
     stats = _stats_from(cfg, manifest["stats"])
     stats.cache, stats.cache_hit = str(entry), hit
     if hit:
         stats.seconds = round(time.perf_counter() - start, 2)
         if stats.skipped:
-            logger.warning("%s: %d record(s) skipped when cached %s; first: %s", cfg.path,
+            logger.warning("%s: %d record(s) skipped when cached %s; first: %s", source.label,
                            sum(stats.skipped.values()), stats.skipped, "; ".join(stats.skip_examples))
     if stats.truncated:
         logger.warning("%s: %d of %d sample(s) truncated to max_length=%d (image tokens kept)",
-                       cfg.path, stats.truncated, stats.samples, spec.max_length)
+                       source.label, stats.truncated, stats.samples, spec.max_length)
     if stats.dropped:
-        logger.warning("%s: dropped %s", cfg.path, stats.dropped)
+        logger.warning("%s: dropped %s", source.label, stats.dropped)
     if not stats.samples:
-        raise DataError(f"{cfg.path}: no sample has answer tokens within max_length={spec.max_length}")
+        raise DataError(f"{source.label}: no sample has answer tokens within max_length={spec.max_length}")
     return dataset, stats
 
 
@@ -257,9 +300,13 @@ def draw_indices(n: int, weight: float, rng: np.random.Generator) -> np.ndarray 
 def mix(parts: list[datasets.Dataset], weights: list[float], seed: int) -> tuple[datasets.Dataset, list[int]]:
     """Concatenate the sources' draws (see the module docstring); returns the dataset and the draw sizes."""
     drawn, sized = [], []
+    embedded = any("image_bytes" in part.column_names for part in parts)
     for i, (part, weight) in enumerate(zip(parts, weights, strict=True)):
         indices = draw_indices(len(part), weight, np.random.default_rng([seed, i]))
         part = part if indices is None else part.select(indices, keep_in_memory=True)  # no file in the cache
+        if embedded and "image_bytes" not in part.column_names:  # image files beside embedded images: same columns
+            part = part.add_column("image_bytes", pa.nulls(len(part), pa.large_binary()),
+                                   feature=datasets.Value("large_binary"))
         drawn.append(part)
         sized.append(len(part))
     return (drawn[0] if len(drawn) == 1 else datasets.concatenate_datasets(drawn)), sized

@@ -22,7 +22,7 @@ import datasets
 
 logger = logging.getLogger(__name__)
 
-CACHE_VERSION = 1  # bump when the encoding or the cached columns change
+CACHE_VERSION = 2  # bump when the encoding or the cached columns change (2: legacy-mode prompts)
 MANIFEST = "manifest.json"
 
 
@@ -77,9 +77,12 @@ def load_entry(entry: Path, manifest: dict[str, Any]) -> datasets.Dataset:
     return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
 
 
-def prune_stale(cache_dir: Path, keep: Path, source: str, sha256: str) -> None:
-    """Remove entries built from other versions (another SHA-256) of the same data file."""
-    for other in cache_dir.glob(f"{Path(source).stem}-*"):
+def prune_stale(cache_dir: Path, keep: Path, source: str, sha256: str, stem: str | None = None) -> None:
+    """Remove entries built from other versions (another SHA-256) of the same data source.
+
+    ``stem``: the entries' folder prefix when it is not the ``source`` file's stem (parquet and Hub sources).
+    """
+    for other in cache_dir.glob(f"{stem or Path(source).stem}-*"):
         if other == keep or not other.is_dir():
             continue
         manifest = read_manifest(other)

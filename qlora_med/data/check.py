@@ -1,8 +1,9 @@
 """Check a LLaVA-Med data file without training: every problem counted, not just the first.
 
-Reads any supported file (alignment, instruct or VQA; JSON list or JSONL), opens every image once
-(as training would decode it), and tokenizes every conversation with the stage template to report
-the token-length distribution, image tokens included. A record is *unusable* when training would
+Reads any supported file (alignment, instruct or VQA; JSON list or JSONL), or a parquet / Hub dataset of VQA
+rows (:func:`check_table`, rows read by :mod:`qlora_med.data.tables`), opens every distinct image once (as
+training would decode it: embedded images from their bytes), and tokenizes every conversation with the stage
+template to report the token-length distribution, image tokens included. A record is *unusable* when training would
 reject it (the checks of :func:`~qlora_med.data.records.parse_record`, duplicate ids, unreadable
 images, invalid JSON lines) or when ``max_length`` leaves no room for its image or answer tokens;
 samples that are merely longer than ``max_length`` are truncated, and only counted.
@@ -10,6 +11,7 @@ samples that are merely longer than ``max_length`` are truncated, and only count
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import tempfile
@@ -46,6 +48,7 @@ LABELS = {  # reason -> how the report names it, in report order
 STRUCTURE = {"not_an_object", "empty_conversations", "role_order", "empty_turn"}  # cannot be tokenized
 KIND_OF_FORMAT = {"alignment": "align", "instruct": "instruct", "vqa": "vqa"}
 DEFAULT_IMAGE_TOKENS = 576  # CLIP ViT-L/14 at 336 px (LLaVA-Med v1.5)
+EMBEDDED = "embedded:"  # prefix of an embedded image's key (its bytes' SHA-1)
 
 
 @dataclass
@@ -82,7 +85,7 @@ class CheckReport:
             ("file", f"{self.path} ({self.layout}, {self.format} format)"),
             ("records", f"{self.records} ({self.turns} turns)"),
             ("images", f"{self.images_found} found, {self.images_missing} missing, "
-                       f"{self.images_unreadable} unreadable (distinct files, each opened)"),
+                       f"{self.images_unreadable} unreadable (distinct images, each opened)"),
         ]
         for reason, label in LABELS.items():
             if reason in ("no_image_token", "role_order", "duplicate_id") or self.problems[reason]:
@@ -137,11 +140,14 @@ def _issues(obj: Any, folder: Path) -> tuple[list[tuple[str, str]], list[tuple[s
         issues.append(("no_image_token", f"no '{IMAGE_TOKEN}' in any question"))
     elif turns and roles_ok and (count > 1 or IMAGE_TOKEN not in questions[0]):
         issues.append(("image_token", f"{count} '{IMAGE_TOKEN}', expected one in the first question"))
-    image = obj.get("image")
-    found = str(folder / image) if isinstance(image, str) and image else None
+    image, data = obj.get("image"), obj.get("image_bytes")
+    if data is not None:  # embedded (parquet/Hub): named by its content, so each distinct image is opened once
+        found = EMBEDDED + hashlib.sha1(data).hexdigest()
+    else:
+        found = str(folder / image) if isinstance(image, str) and image else None
     if found is None:
         issues.append(("no_image_field", "has no 'image' path"))
-    elif not Path(found).is_file():
+    elif data is None and not Path(found).is_file():
         issues.append(("missing_image", f"image '{found}' not found"))
     try:  # whatever training would reject, even if not listed above
         parse_record(obj, folder)
@@ -154,22 +160,33 @@ def _issues(obj: Any, folder: Path) -> tuple[list[tuple[str, str]], list[tuple[s
     return issues, [(values[i], values[i + 1]) for i in range(0, len(turns), 2)], found
 
 
-def _probe(path: str) -> str | None:
-    """None when the image decodes as training decodes it, else why not."""
+def _probe(image: str | bytes) -> str | None:
+    """None when the image (a file, or embedded bytes) decodes as training decodes it, else why not."""
     from qlora_med.data.images import load_image
 
     try:
-        load_image(path)
+        load_image(image)
     except DataError as err:
         return str(err.__cause__ or err)
     return None
 
 
-def _probe_all(paths: list[str], workers: int) -> dict[str, str | None]:
-    if workers <= 1 or len(paths) < 64:
-        return {p: _probe(p) for p in paths}
-    with ProcessPoolExecutor(workers) as pool:
-        return dict(zip(paths, pool.map(_probe, paths, chunksize=64), strict=True))
+class _Prober:
+    """Opens images as training does; many at once in worker processes (one pool, started when needed)."""
+
+    def __init__(self, workers: int) -> None:
+        self.workers, self.pool = workers, None
+
+    def __call__(self, images: list[str | bytes]) -> list[str | None]:
+        if self.workers <= 1 or len(images) < 64:
+            return [_probe(i) for i in images]
+        if self.pool is None:
+            self.pool = ProcessPoolExecutor(self.workers)
+        return list(self.pool.map(_probe, images, chunksize=16))
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown()
 
 
 def check_file(path: str | Path, image_folder: str | Path, tokenizer, template: str | None = None,
@@ -192,11 +209,38 @@ def check_file(path: str | Path, image_folder: str | Path, tokenizer, template: 
         report.layout = "JSON list" if fh.read(4096).lstrip().startswith(b"[") else "JSONL"
     report.template = template or STAGE_PRESETS[KIND_OF_FORMAT[report.format]].template
     encoder = BatchEncoder(tokenizer, EncodeSpec(report.template, num_image_tokens, max_length, image_token))
+    return _check(report, iter_json_objects(path, tolerant=True), folder, encoder, workers, listed)
+
+
+def check_table(source, tokenizer, template: str | None = None, max_length: int = 2048,
+                num_image_tokens: int = DEFAULT_IMAGE_TOKENS, image_token: str = IMAGE_TOKEN,
+                workers: int | None = None, listed: int = 10) -> CheckReport:
+    """:func:`check_file` for a parquet or Hub source (a ``DataConfig``), its rows read as VQA records."""
+    from qlora_med.data.tables import open_table
+
+    folder = Path(source.image_folder) if source.image_folder is not None else Path.cwd()
+    if not folder.is_dir():
+        raise DataError(f"{folder}: image folder not found")
+    table = open_table(source)
+    report = CheckReport(table.label, format="vqa", max_length=max_length, num_image_tokens=num_image_tokens,
+                         layout="Hub dataset" if source.hf else "parquet")
+    report.template = template or STAGE_PRESETS[KIND_OF_FORMAT[report.format]].template
+    encoder = BatchEncoder(tokenizer, EncodeSpec(report.template, num_image_tokens, max_length, image_token))
+    return _check(report, table.rows(), folder, encoder, workers, listed)
+
+
+def _check(report: CheckReport, objects, folder: Path, encoder: BatchEncoder, workers: int | None,
+           listed: int) -> CheckReport:
+    """Count every problem of the (number, record) pairs into ``report``."""
     bad: dict[int, tuple[str, list[tuple[str, str]]]] = {}  # record number -> (id, problems)
     image_users: dict[str, list[tuple[int, str]]] = {}
     seen: set[str] = set()
     lengths: list[np.ndarray] = []
     pending: list[tuple[int, str, list[tuple[str, str]]]] = []
+    prober = _Prober(workers or len(os.sched_getaffinity(0)))
+    embedded: dict[str, bytes] = {}  # embedded images not yet opened (opened 512 at a time, then dropped)
+    names: dict[str, str] = {}  # embedded image -> the name its first record gives it
+    errors: dict[str, str | None] = {}  # image -> None when readable, else why not
 
     def flush() -> None:
         out = encoder.encode([rounds for _, _, rounds in pending])
@@ -206,37 +250,52 @@ def check_file(path: str | Path, image_folder: str | Path, tokenizer, template: 
             bad.setdefault(number, (rid, []))[1].append((reason, message))
         pending.clear()
 
-    for number, obj in iter_json_objects(path, tolerant=True):
-        report.records += 1
-        if isinstance(obj, InvalidJSON):
-            bad[number] = (f"line {number}", [("invalid_json", obj.message.split(": ", 2)[-1])])
-            continue
-        rid = str(obj.get("id", obj.get("question_id", f"#{number}"))) if isinstance(obj, dict) else f"#{number}"
-        issues, rounds, image = _issues(obj, folder)
-        turns = obj.get("conversations", obj.get("conversatons")) if isinstance(obj, dict) else None
-        report.turns += len(turns) if isinstance(turns, list) else 0
-        if rid in seen:
-            issues.append(("duplicate_id", "duplicate id (ids must be unique within a file)"))
-        seen.add(rid)
-        if issues:
-            bad[number] = (rid, issues)
-        if image is not None:
-            image_users.setdefault(image, []).append((number, rid))
-        if rounds is not None:
-            pending.append((number, rid, rounds))
-            if len(pending) == 1000:
-                flush()
-    if pending:
-        flush()
+    def probe_embedded() -> None:
+        errors.update(zip(embedded, prober(list(embedded.values())), strict=True))
+        embedded.clear()
+
+    try:
+        for number, obj in objects:
+            report.records += 1
+            if isinstance(obj, InvalidJSON):
+                bad[number] = (f"line {number}", [("invalid_json", obj.message.split(": ", 2)[-1])])
+                continue
+            rid = str(obj.get("id", obj.get("question_id", f"#{number}"))) if isinstance(obj, dict) else f"#{number}"
+            issues, rounds, image = _issues(obj, folder)
+            turns = obj.get("conversations", obj.get("conversatons")) if isinstance(obj, dict) else None
+            report.turns += len(turns) if isinstance(turns, list) else 0
+            if rid in seen:
+                issues.append(("duplicate_id", "duplicate id (ids must be unique within a file)"))
+            seen.add(rid)
+            if issues:
+                bad[number] = (rid, issues)
+            if image is not None:
+                users = image_users.setdefault(image, [])
+                users.append((number, rid))
+                if image.startswith(EMBEDDED) and len(users) == 1:
+                    embedded[image], names[image] = obj["image_bytes"], str(obj.get("image") or image)
+                    if len(embedded) == 512:
+                        probe_embedded()
+            if rounds is not None:
+                pending.append((number, rid, rounds))
+                if len(pending) == 1000:
+                    flush()
+        if pending:
+            flush()
+        probe_embedded()
+        files = sorted(p for p in image_users if not p.startswith(EMBEDDED) and Path(p).is_file())
+        errors.update(zip(files, prober(files), strict=True))
+    finally:
+        prober.close()
     report.lengths = np.concatenate(lengths) if lengths else report.lengths
-    found = sorted(p for p in image_users if Path(p).is_file())
-    report.images_found, report.images_missing = len(found), len(image_users) - len(found)
-    probed = _probe_all(found, workers or len(os.sched_getaffinity(0)))
-    for image, error in probed.items():
+    report.images_found = len(errors)
+    report.images_missing = len(image_users) - len(errors)
+    for image, error in errors.items():
         if error is not None:
             report.images_unreadable += 1
+            what = f"embedded image '{names[image]}'" if image in names else f"image '{image}'"
             for number, rid in image_users[image]:
-                bad.setdefault(number, (rid, []))[1].append(("unreadable_image", f"image '{image}': {error}"))
+                bad.setdefault(number, (rid, []))[1].append(("unreadable_image", f"{what}: {error}"))
     for number in sorted(bad):
         rid, issues = bad[number]
         for reason in {reason for reason, _ in issues}:
@@ -264,7 +323,7 @@ def mistral_with_image_token(image_token: str, cache_dir: Path | None = None):
     from transformers import AutoTokenizer
 
     from qlora_med.io import atomic_dir
-    from qlora_med.model.build import add_llava_tokens, mistral_tokenizer
+    from qlora_med.model.processor import add_llava_tokens, mistral_tokenizer
 
     tag = hashlib.sha256(image_token.encode()).hexdigest()[:8]
     saved = (cache_dir or default_cache_dir()) / "tokenizers" / f"mistral-v0.2-{mistral_common.__version__}-{tag}"
@@ -286,18 +345,21 @@ def load_tokenizer(name_or_path: str | None, image_token: str = IMAGE_TOKEN,
     """The tokenizer (with the image token) and the image tokens per image.
 
     Default: the real Mistral-7B-Instruct-v0.2 tokenizer (offline) and 576 image tokens. A LLaVA
-    model directory gives its own tokenizer and its vision tower's count.
+    model directory, or a Hub id ``org/name[@revision]`` (its configs and tokenizer files only, through the HF
+    cache), gives its own tokenizer and its vision tower's count.
     """
     if name_or_path is None:
         return mistral_with_image_token(image_token, cache_dir), DEFAULT_IMAGE_TOKENS
     from transformers import AutoConfig, AutoTokenizer
 
-    from qlora_med.model.build import add_llava_tokens
+    from qlora_med.model.processor import add_llava_tokens
+    from qlora_med.model.source import resolve_model
 
-    tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    folder = resolve_model(name_or_path, key="--tokenizer", weights=False)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
     n_image = DEFAULT_IMAGE_TOKENS
     try:
-        config = AutoConfig.from_pretrained(name_or_path)
+        config = AutoConfig.from_pretrained(folder)
     except (OSError, ValueError):
         config = None
     if config is not None and hasattr(config, "vision_config"):

@@ -52,7 +52,8 @@ class VisionCollator:
         """Samples dropped for unreadable images, in this process and its DataLoader workers."""
         return self._skipped.value
 
-    def pixel_values(self, paths: list[str], ids: list[str]) -> tuple[torch.Tensor, list[int]]:
+    def pixel_values(self, paths: list[str | bytes], ids: list[str]) -> tuple[torch.Tensor, list[int]]:
+        """Preprocessed images (files, or encoded bytes embedded in parquet) and the indices that were readable."""
         images, kept = [], []
         for i, (path, rid) in enumerate(zip(paths, ids, strict=True)):
             try:
@@ -62,7 +63,8 @@ class VisionCollator:
                     raise
                 with self._skipped.get_lock():
                     self._skipped.value += 1
-                logger.warning("skipping record %s: unreadable image %s", rid, Path(path).name)
+                name = "(embedded)" if isinstance(path, bytes) else Path(path).name
+                logger.warning("skipping record %s: unreadable image %s", rid, name)
                 continue
             images.append(to_square(img, self.image_aspect, self.background))
             kept.append(i)
@@ -71,7 +73,8 @@ class VisionCollator:
         return self.processor.image_processor(images, return_tensors="pt")["pixel_values"], kept
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        pixel_values, kept = self.pixel_values([f["image"] for f in features], [f["id"] for f in features])
+        images = [f["image"] if f.get("image_bytes") is None else f["image_bytes"] for f in features]
+        pixel_values, kept = self.pixel_values(images, [f["id"] for f in features])
         features = [features[i] for i in kept]
         input_ids, labels, attention_mask = pad_right(
             [f["input_ids"] for f in features], [f["labels"] for f in features], self.pad_id

@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 
-from qlora_med.prompts.templates import encode_batch, render
+from qlora_med.prompts.templates import encode_batch, render, tokenizer_mode
+from qlora_med.prompts.tokenization import announce
 
 # Why a sample cannot be used (counted, or raised by the caller).
 NO_ANSWER = "no_answer_tokens_after_truncation"
@@ -28,6 +29,8 @@ SCHEMA = pa.schema(
         ("num_tokens", pa.int32()),  # length before truncation, image tokens included
     ]
 )
+# Sources with embedded images (parquet, Hub datasets) also carry the encoded image: ``image`` is then its name.
+EMBEDDED_SCHEMA = SCHEMA.append(pa.field("image_bytes", pa.large_binary()))
 
 
 @dataclass(frozen=True)
@@ -67,6 +70,7 @@ class BatchEncoder:
         self.tokenizer = tokenizer
         self.spec = spec
         self.image_token_id = tokenizer.convert_tokens_to_ids(spec.image_token)
+        announce(tokenizer, spec.template, tokenizer_mode(spec.template))  # log the tokenizer mode
 
     def encode(self, rounds: list[list[tuple[str, str]]]) -> EncodedRows:
         """Encode each conversation (a list of (question, answer) rounds)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
@@ -28,18 +29,22 @@ def _to_rgb(img: Image.Image, background: tuple[int, int, int]) -> Image.Image:
     return img.convert("RGB")
 
 
-def load_image(path: str | Path, background: tuple[int, int, int] = (0, 0, 0), record_id: str = "?") -> Image.Image:
-    """Open an image as RGB (transparency composited onto ``background``), EXIF rotation applied."""
+def load_image(path: str | Path | bytes, background: tuple[int, int, int] = (0, 0, 0),
+               record_id: str = "?") -> Image.Image:
+    """Open an image file, or encoded image bytes (embedded in parquet), as RGB (transparency composited onto
+    ``background``), EXIF rotation applied."""
+    embedded = isinstance(path, (bytes, bytearray, memoryview))
     try:
-        with Image.open(path) as img:
+        with Image.open(io.BytesIO(path) if embedded else path) as img:
             img.load()
             img = ImageOps.exif_transpose(img)
             return _to_rgb(img, background)
     except FileNotFoundError as err:
         raise DataError(f"record {record_id}: image '{path}' not found (check data.image_folder)") from err
     except (OSError, ValueError, SyntaxError) as err:
+        what = "embedded image" if embedded else f"image '{path}'"
         raise DataError(
-            f"record {record_id}: image '{path}' is unreadable ({err}); replace the file or set "
+            f"record {record_id}: {what} is unreadable ({err}); replace the file or set "
             "data.on_bad_record: skip"
         ) from err
 

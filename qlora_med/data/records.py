@@ -7,6 +7,7 @@ A record becomes a :class:`Record` with (question, answer) rounds. Problems rais
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import re
@@ -33,6 +34,7 @@ class Record:
     answer_type: str | None = None
     question_type: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    image_bytes: bytes | None = None  # an embedded image (parquet/Hub sources); ``image`` is then its name
 
 
 class BadRecord(Exception):
@@ -184,9 +186,9 @@ def parse_record(obj: Any, image_folder: Path, needs_image: bool = True) -> Reco
         if not all(isinstance(v, str) and v.strip() for v in values):
             raise BadRecord("empty_turn", f"turn {i + 1}: empty or non-string 'value'")
         rounds.append((values[0], values[1]))
-    image = obj.get("image")
+    image, data = obj.get("image"), obj.get("image_bytes")
     if needs_image:
-        if not isinstance(image, str) or not image:
+        if data is None and (not isinstance(image, str) or not image):
             raise BadRecord("no_image_field", "has no 'image' path")
         count = sum(q.count(IMAGE_TOKEN) for q, _ in rounds)
         if IMAGE_TOKEN not in rounds[0][0] or count != 1:
@@ -195,13 +197,13 @@ def parse_record(obj: Any, image_folder: Path, needs_image: bool = True) -> Reco
                 f"needs exactly one '{IMAGE_TOKEN}' in the first human turn (found {count}); "
                 f"add '{IMAGE_TOKEN}\\n' before the first question",
             )
-        path = image_folder / image
-        if not path.is_file():
+        path = Path(image or "") if data is not None else image_folder / image
+        if data is None and not path.is_file():
             raise BadRecord("missing_image", f"image '{path}' not found (check data.image_folder)")
     else:
-        path = image_folder / image if isinstance(image, str) else Path()
-    extra = {k: v for k, v in obj.items() if k not in {"id", "image", "conversations", "conversatons"}}
-    return Record(rid, path, rounds, obj.get("answer_type"), obj.get("question_type"), extra)
+        path = Path(image or "") if data is not None else image_folder / image if isinstance(image, str) else Path()
+    extra = {k: v for k, v in obj.items() if k not in {"id", "image", "image_bytes", "conversations", "conversatons"}}
+    return Record(rid, path, rounds, obj.get("answer_type"), obj.get("question_type"), extra, data)
 
 
 @dataclass
@@ -245,22 +247,38 @@ def iter_records(
 
     ``verify_images`` also opens every image once (unreadable: reason ``unreadable_image``).
     """
-    path, image_folder = Path(path), Path(image_folder)
-    skips = skips if skips is not None else SkipLog(path)
+    path = Path(path)
+    yield from check_records(iter_json_objects(path), path, Path(image_folder), on_bad_record, max_records, skips,
+                             verify_images)
+
+
+def check_records(
+    objects: Iterator[tuple[int, Any]],
+    path: str | Path,
+    image_folder: Path,
+    on_bad_record: str = "error",
+    max_records: int | None = None,
+    skips: SkipLog | None = None,
+    verify_images: bool = False,
+) -> Iterator[Record]:
+    """:func:`iter_records` over (number, raw record) pairs from any reader; ``path`` names the source."""
+    skips = skips if skips is not None else SkipLog(Path(path))
     seen: set[str] = set()
-    image_ok: dict[Path, str | None] = {}  # image -> None when readable, else why not
+    image_ok: dict[Any, str | None] = {}  # image path or embedded bytes' digest -> None when readable, else why not
     kept = 0
-    for number, obj in iter_json_objects(path):
+    for number, obj in objects:
         rid = str(obj.get("id", f"#{number}")) if isinstance(obj, dict) else f"#{number}"
         try:
             record = parse_record(obj, image_folder)
             if record.id in seen:
                 raise BadRecord("duplicate_id", "duplicate id (ids must be unique within a file)")
             if verify_images:
-                if record.image not in image_ok:
-                    image_ok[record.image] = _unreadable(record.image)
-                if image_ok[record.image] is not None:
-                    raise BadRecord("unreadable_image", image_ok[record.image])
+                key = record.image if record.image_bytes is None else hashlib.sha1(record.image_bytes).digest()
+                if key not in image_ok:
+                    image_ok[key] = _unreadable(record.image if record.image_bytes is None else record.image_bytes,
+                                                record.image)
+                if image_ok[key] is not None:
+                    raise BadRecord("unreadable_image", image_ok[key])
         except BadRecord as bad:
             if on_bad_record == "error":
                 raise DataError(
@@ -276,12 +294,13 @@ def iter_records(
             break
 
 
-def _unreadable(image: Path) -> str | None:
+def _unreadable(image: Path | bytes, name: Path) -> str | None:
     """None when the image decodes like training will decode it, else the reason."""
     from qlora_med.data.images import load_image
 
     try:
         load_image(image)
     except DataError as err:
-        return f"image '{image}' is unreadable ({err.__cause__})"
+        what = f"image '{name}'" if isinstance(image, Path) else f"embedded image '{name}'"
+        return f"{what} is unreadable ({err.__cause__})"
     return None

@@ -57,6 +57,7 @@ class Question:
     text: str
     metadata: dict[str, Any] = field(default_factory=dict)
     raw_id: Any = None  # the id as written in the file (int or str), echoed as question_id
+    image_bytes: bytes | None = None  # an embedded image (parquet/Hub test sets); ``image`` is then its name
 
 
 def load_questions(path: Path, image_folder: Path) -> list[Question]:
@@ -85,6 +86,34 @@ def load_questions(path: Path, image_folder: Path) -> list[Question]:
     ids = [q.id for q in questions]
     if len(set(ids)) != len(ids):
         raise DataError(f"{path}: duplicate question ids")
+    return questions
+
+
+def load_table_questions(source) -> list[Question]:
+    """Questions from a parquet or Hub test set (a ``DataConfig``; rows read by ``qlora_med.data.tables``).
+
+    Images stay encoded bytes until their batch is answered; rows sharing an image share its bytes.
+    """
+    import hashlib
+
+    from qlora_med.data.tables import open_table
+
+    table = open_table(source)
+    folder = Path(source.image_folder) if source.image_folder is not None else Path()
+    questions: list[Question] = []
+    shared: dict[bytes, bytes] = {}
+    for number, obj in table.rows():
+        text = obj["conversations"][0]["value"]
+        data = obj["image_bytes"]
+        if not isinstance(text, str) or not text.strip() or (data is None and not obj["image"]):
+            raise DataError(f"{table.label} row #{number}: needs a question and an image")
+        if data is not None:
+            data = shared.setdefault(hashlib.sha1(data).digest(), data)
+        image = Path(obj["image"]) if data is not None else folder / obj["image"]
+        meta = {k: obj[k] for k in _METADATA_KEYS if k in obj}
+        questions.append(Question(str(obj["id"]), image, text, meta, obj["id"], data))
+    if len({q.id for q in questions}) != len(questions):
+        raise DataError(f"{table.label}: duplicate question ids")
     return questions
 
 
@@ -160,9 +189,9 @@ class Generator:
                 self.context_length,
             )
 
-    def pixel_values(self, images: list[Path], ids: list[str]) -> torch.Tensor:
-        """Images preprocessed by the training collator (unreadable images raise ``DataError``)."""
-        values, _ = self.collator.pixel_values([str(p) for p in images], ids)
+    def pixel_values(self, images: list[Path | bytes], ids: list[str]) -> torch.Tensor:
+        """Images (files or encoded bytes) preprocessed by the training collator (unreadable: ``DataError``)."""
+        values, _ = self.collator.pixel_values([p if isinstance(p, bytes) else str(p) for p in images], ids)
         return values
 
     # ---------------------------------------------------------------- generation
@@ -321,7 +350,8 @@ def run_vqa(
         for start in range(0, len(todo), batch_size):
             batch = todo[start : start + batch_size]
             prompts = [generator.prompt_ids([(q.text, None)]) for q in batch]
-            pixels = generator.pixel_values([q.image for q in batch], [q.id for q in batch])
+            images = [q.image if q.image_bytes is None else q.image_bytes for q in batch]
+            pixels = generator.pixel_values(images, [q.id for q in batch])
             answers = generator.generate(prompts, pixels, sampling)
             for q, text in zip(batch, answers, strict=True):
                 row = {

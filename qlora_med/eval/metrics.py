@@ -296,12 +296,20 @@ def _duplicates(ids: Sequence[str]) -> list[str]:
     return [i for i, c in Counter(ids).items() if c > 1]
 
 
-def load_vqa_examples(test_path: Path, pred_path: Path) -> list[VqaExample]:
+def read_table_records(source) -> list[dict[str, Any]]:
+    """The VQA records of a parquet or Hub test set (a ``DataConfig``), without their images."""
+    from qlora_med.data.tables import open_table
+
+    return [record for _, record in open_table(source).rows(images=False)]
+
+
+def load_vqa_examples(test_path: Path, pred_path: Path, source=None) -> list[VqaExample]:
     """Join a LLaVA-Med VQA test file with a prediction JSONL by id (``id`` ↔ ``question_id``).
 
+    ``source``: a parquet or Hub test set (``DataConfig``) read instead of the file (``test_path`` names it).
     Ids compare as strings, so ``300648006`` and ``"300648006"`` match; order does not matter.
     """
-    tests = read_records(test_path)
+    tests = read_records(test_path) if source is None else read_table_records(source)
     preds = read_jsonl(pred_path)
     gold: dict[str, tuple[str, str, str]] = {}
     for i, rec in enumerate(tests):

@@ -1,9 +1,10 @@
 """Build the HF-format LLaVA directory a recipe's ``model:`` names: the tiny demo model, LLaVA-Med style
 composition, and their tokenizer / processor.
 
-Three ways in (:func:`base_model_dir`): an HF-format LLaVA directory as it is; ``model.tiny`` (a tiny LLaVA built
-from config with the real Mistral tokenizer, :func:`build_tiny`); or composition (CLIP dir + LLM dir + fresh
-projector, :func:`compose`), written once under ``model.cache_dir``. Each is then loaded through the same
+Three ways in (:func:`base_model_dir`): a LLaVA folder or Hub id as it is (a Hub id is downloaded into the HF
+cache, :func:`qlora_med.model.source.resolve_model`); ``model.tiny`` (a tiny LLaVA built from config with the real
+Mistral tokenizer, :func:`build_tiny`); or composition (CLIP + LLM, each a folder or a Hub id, + fresh projector,
+:func:`compose`), written once under ``model.cache_dir``. Each is then loaded through the same
 ``from_pretrained`` path (:mod:`qlora_med.model.load`). Building never changes the caller's global RNG state:
 random init runs under :func:`torch.random.fork_rng`.
 """
@@ -13,53 +14,16 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import shutil
 from pathlib import Path
 
 import torch
 
 from qlora_med.config.schema import ModelConfig, TinyModelConfig
-from qlora_med.errors import ConfigError
 from qlora_med.io import atomic_dir
+from qlora_med.model.processor import add_llava_tokens, make_processor, mistral_tokenizer
+from qlora_med.model.source import resolve_model
 
 logger = logging.getLogger(__name__)
-
-
-def mistral_tokenizer(out: Path):
-    """The real Mistral-7B-Instruct-v0.2 SentencePiece tokenizer shipped in ``mistral-common``."""
-    import mistral_common
-    from transformers import LlamaTokenizer
-
-    src = Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1"
-    out.mkdir(parents=True, exist_ok=True)
-    shutil.copy(src, out / "tokenizer.model")
-    return LlamaTokenizer.from_pretrained(out)
-
-
-def add_llava_tokens(tokenizer, image_token: str) -> None:
-    """Add the image placeholder (and a pad token when missing) as special tokens."""
-    tokenizer.add_special_tokens({"additional_special_tokens": [image_token]})
-    if tokenizer.pad_token is None:
-        tokenizer.add_special_tokens({"pad_token": "<pad>"})
-
-
-def make_processor(tokenizer, image_size: int, patch_size: int, image_token: str, image_processor=None):
-    """A LlavaProcessor for a CLIP tower with the 'default' feature strategy (CLS dropped)."""
-    from transformers import LlavaProcessor
-    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
-
-    if image_processor is None:
-        image_processor = CLIPImageProcessorPil(
-            size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size}
-        )
-    return LlavaProcessor(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        patch_size=patch_size,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,
-        image_token=image_token,
-    )
 
 
 def _init_projector(projector: torch.nn.Module, projector_type: str) -> None:
@@ -123,7 +87,8 @@ def build_tiny(cfg: TinyModelConfig, out: Path, image_token: str = "<image>") ->
 
 
 def compose(cfg: ModelConfig) -> Path:
-    """Write CLIP tower + LLM + fresh projector as an HF LLaVA dir (once; cached by inputs)."""
+    """Write CLIP tower + LLM + fresh projector as an HF LLaVA dir (once; cached by inputs: a Hub model by its
+    snapshot folder, which names the commit)."""
     from transformers import (
         AutoModelForCausalLM,
         AutoTokenizer,
@@ -134,10 +99,14 @@ def compose(cfg: ModelConfig) -> Path:
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
     from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 
+    tower_dir = resolve_model(
+        cfg.vision_tower, key="model.vision_tower", allow_pickle=cfg.allow_pickle, role="vision_tower"
+    )
+    llm_dir = resolve_model(cfg.llm, key="model.llm", allow_pickle=cfg.allow_pickle, role="llm")
     key = json.dumps(
         [
-            str(Path(cfg.vision_tower).resolve()),
-            str(Path(cfg.llm).resolve()),
+            str(tower_dir.resolve()),
+            str(llm_dir.resolve()),
             cfg.projector_type,
             cfg.vision_feature_layer,
             cfg.image_token,
@@ -149,9 +118,9 @@ def compose(cfg: ModelConfig) -> Path:
     logger.info(
         "composing %s + %s + fresh %s projector into %s", cfg.vision_tower, cfg.llm, cfg.projector_type, out
     )
-    vision = CLIPVisionModel.from_pretrained(cfg.vision_tower, dtype="auto")
-    llm = AutoModelForCausalLM.from_pretrained(cfg.llm, dtype="auto")
-    tokenizer = AutoTokenizer.from_pretrained(cfg.llm)
+    vision = CLIPVisionModel.from_pretrained(tower_dir, dtype="auto")
+    llm = AutoModelForCausalLM.from_pretrained(llm_dir, dtype="auto")
+    tokenizer = AutoTokenizer.from_pretrained(llm_dir)
     add_llava_tokens(tokenizer, cfg.image_token)
     if len(tokenizer) > llm.config.vocab_size:
         llm.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64)
@@ -174,7 +143,7 @@ def compose(cfg: ModelConfig) -> Path:
         _init_projector(projector, cfg.projector_type)
     llava.model.multi_modal_projector = projector
     try:
-        image_processor = CLIPImageProcessorPil.from_pretrained(cfg.vision_tower)
+        image_processor = CLIPImageProcessorPil.from_pretrained(tower_dir)
     except OSError:
         size = vision.config.image_size
         image_processor = CLIPImageProcessorPil(
@@ -190,12 +159,28 @@ def compose(cfg: ModelConfig) -> Path:
 
 
 def base_model_dir(cfg: ModelConfig) -> Path:
-    """The HF-format LLaVA directory for this config (building tiny / composed ones when needed)."""
+    """The LLaVA directory for this config: a local folder, a Hub model's snapshot in the HF cache (downloaded
+    at ``model.revision`` when missing), or a tiny / composed one built when needed.
+
+    Its config.json is checked first (:mod:`qlora_med.config.model_kind`): an HF LLaVA, or LLaVA's original
+    layout (``llava_mistral`` / ``llava_llama``), which :func:`qlora_med.model.original.ensure_hf_layout`
+    converts; anything else is refused before any weights download.
+    """
     if cfg.vision_tower is not None:
         return compose(cfg).resolve()
-    path = Path(cfg.name_or_path)
-    if cfg.tiny is not None and not (path / "config.json").is_file():
-        build_tiny(cfg.tiny, path, cfg.image_token)
-    if not (path / "config.json").is_file():
-        raise ConfigError(f"model.name_or_path: '{path}' has no config.json (not an HF LLaVA checkpoint)")
-    return path.resolve()
+    if cfg.tiny is not None:
+        path = Path(cfg.name_or_path)
+        if not (path / "config.json").is_file():
+            build_tiny(cfg.tiny, path, cfg.image_token)
+        return path.resolve()
+    from qlora_med.model.original import ensure_hf_layout, hub_tower_resolver
+
+    folder = resolve_model(
+        cfg.name_or_path,
+        key="model.name_or_path",
+        allow_pickle=cfg.allow_pickle,
+        revision=cfg.revision,
+        role="llava",
+    )
+    cache = Path(cfg.cache_dir)
+    return ensure_hf_layout(folder, cache, hub_tower_resolver(cfg.allow_pickle), allow_pickle=cfg.allow_pickle).resolve()

@@ -7,7 +7,9 @@ import logging
 from pathlib import Path
 
 from qlora_med.config.batch import stage_batch
+from qlora_med.config.model_ref import parse_model_ref
 from qlora_med.errors import ConfigError
+from qlora_med.model.source import hub_file
 from qlora_med.plan.estimate import (
     LORA_TARGETS,
     PRESETS,
@@ -24,28 +26,123 @@ VISION_BY_NAME = {"clip-vit-large-patch14-336": PRESETS["llava-med-v1.5"].vision
 
 
 def shape_from_config_dict(cfg: dict, name: str = "config") -> ModelShape:
-    """ModelShape from a HF ``config.json`` dict: a LlavaConfig (text_config + vision_config) or a plain LLM."""
-    text = cfg.get("text_config", cfg)
-    heads = text["num_attention_heads"]
-    llm = LLMShape(text["num_hidden_layers"], text["hidden_size"], text["intermediate_size"], heads,
-                   text.get("num_key_value_heads") or heads, text["vocab_size"], text.get("head_dim"),
-                   bool(text.get("tie_word_embeddings", False)))
+    """ModelShape from a HF ``config.json`` dict: a LlavaConfig (text_config + vision_config), LLaVA's original
+    layout (the LLM's keys + ``mm_vision_tower``, a tower known by name) or a plain LLM."""
+    llm = _llm_shape(cfg.get("text_config", cfg))
     v = cfg.get("vision_config")
+    if not v and cfg.get("mm_vision_tower"):  # llava_mistral / llava_llama: the tower only by name
+        vision = VISION_BY_NAME.get(_name(cfg["mm_vision_tower"]).lower())
+        if vision is None:
+            logger.warning(
+                "%s: vision tower %s is not a known one: planning the LLM only", name, cfg["mm_vision_tower"]
+            )
+            return ModelShape(name, llm)
+        return ModelShape(
+            name, llm, vision, "linear" if cfg.get("mm_projector_type") == "linear" else "mlp2x_gelu"
+        )
     if not v:
         return ModelShape(name, llm)
-    vision = VisionShape(v["num_hidden_layers"], v["hidden_size"], v["intermediate_size"], v["num_attention_heads"],
-                         v["image_size"], v["patch_size"])
-    return ModelShape(name, llm, vision, "linear" if cfg.get("projector_type") == "linear" else "mlp2x_gelu")
+    return ModelShape(
+        name, llm, _vision_shape(v), "linear" if cfg.get("projector_type") == "linear" else "mlp2x_gelu"
+    )
 
 
-def _read_config(path: str | None) -> dict | None:
-    config = Path(path or "").expanduser() / "config.json"
-    return json.loads(config.read_text()) if path and config.is_file() else None
+def _llm_shape(text: dict) -> LLMShape:
+    heads = text["num_attention_heads"]
+    return LLMShape(
+        text["num_hidden_layers"],
+        text["hidden_size"],
+        text["intermediate_size"],
+        heads,
+        text.get("num_key_value_heads") or heads,
+        text["vocab_size"],
+        text.get("head_dim"),
+        bool(text.get("tie_word_embeddings", False)),
+    )
+
+
+def _vision_shape(v: dict) -> VisionShape:
+    return VisionShape(
+        v["num_hidden_layers"],
+        v["hidden_size"],
+        v["intermediate_size"],
+        v["num_attention_heads"],
+        v["image_size"],
+        v["patch_size"],
+    )
+
+
+def _name(value: str) -> str:
+    """A model folder's or Hub repo's own name, without org or ``@revision`` (what presets are known by)."""
+    try:
+        return parse_model_ref(value).name
+    except ConfigError:
+        return Path(value).name
+
+
+def _is_preset(value: str) -> bool:
+    try:
+        preset(value)
+    except ValueError:
+        return False
+    return True
+
+
+def _local_config(value: str | None) -> dict | None:
+    """The config.json of an existing local folder, else None."""
+    config = Path(value or "").expanduser() / "config.json"
+    return json.loads(config.read_text()) if value and config.is_file() else None
+
+
+def _hub_config(value: str, key: str, revision: str | None = None) -> dict | None:
+    """The config.json of the Hub model ``value`` names (only that file is fetched, through the HF cache;
+    ``HF_HUB_OFFLINE=1``: the cache only); None when ``value`` is a local path or no Hub id."""
+    if Path(value).expanduser().exists():
+        return None
+    try:
+        ref = parse_model_ref(value, key=key, revision=revision)
+    except ConfigError:
+        return None
+    return json.loads(hub_file(ref, key).read_text())
+
+
+def _read_config(
+    path: str | None, key: str = "model.name_or_path", revision: str | None = None
+) -> dict | None:
+    """The config.json of a local model folder, or of a Hub model unless ``path`` is a preset name (a preset
+    needs no network); None when there is none."""
+    if not path:
+        return None
+    local = _local_config(path)
+    if local is not None or Path(path).expanduser().exists() or _is_preset(path):
+        return local
+    return _hub_config(path, key, revision)
+
+
+def _part(value: str, key: str, by_name, from_config) -> tuple[object | None, bool]:
+    """One compose-mode part's shape, and whether it was taken from its name: the local folder's config.json,
+    else a known name (no network), else the Hub model's config.json; (None, False) when none of them."""
+    cfg = _local_config(value)
+    if cfg is not None:
+        return from_config(cfg), False
+    shape = by_name(value)
+    if shape is not None:
+        return shape, True
+    cfg = _hub_config(value, key)
+    return (from_config(cfg), False) if cfg is not None else (None, False)
+
+
+def _llm_by_name(value: str) -> LLMShape | None:
+    for name in (value.partition("@")[0], _name(value)):
+        if _is_preset(name):
+            return preset(name).llm
+    return None
 
 
 def shape_from_recipe(recipe: object) -> ModelShape:
-    """Model shape of a ``RecipeConfig``: the tiny builder's sizes, ``model.name_or_path``'s config.json,
-    the compose-mode ``model.vision_tower`` + ``model.llm`` config.json files, or a preset name."""
+    """Model shape of a ``RecipeConfig``: the tiny builder's sizes, ``model.name_or_path``'s config.json (a local
+    folder's, or a Hub model's: that one file is fetched), the compose-mode ``model.vision_tower`` + ``model.llm``
+    config.json files (or their names, when known presets), or a preset name."""
     m = recipe.model  # type: ignore[attr-defined]
     if m.tiny is not None:  # qlora_med.model.build_tiny: CLIP MLP 4x hidden, vocab = tokenizer rounded up to 64
         t = m.tiny
@@ -54,26 +151,30 @@ def shape_from_recipe(recipe: object) -> ModelShape:
                           VisionShape(t.vision_layers, t.vision_hidden, 4 * t.vision_hidden, t.vision_heads,
                                       t.image_size, t.patch_size))
     if m.name_or_path is not None:
-        cfg = _read_config(m.name_or_path)
+        revision = getattr(m, "revision", None)  # duck-typed: callers may pass a namespace without it
+        cfg = _read_config(m.name_or_path, revision=revision)
         if cfg is not None:
-            return shape_from_config_dict(cfg, name=Path(m.name_or_path).name)
+            return shape_from_config_dict(cfg, name=_name(m.name_or_path))
         try:
             return preset(m.name_or_path)
         except ValueError as err:
             raise ConfigError(f"model.name_or_path: no config.json in {m.name_or_path} and {err}") from None
-    name = f"{Path(m.vision_tower).name} + {Path(m.llm).name}"
-    vision, llm = _read_config(m.vision_tower), _read_config(m.llm)
-    if vision is not None and llm is not None:
-        cfg = {"text_config": llm, "vision_config": vision.get("vision_config", vision), "projector_type": m.projector_type}
-        return shape_from_config_dict(cfg, name=name)
-    try:  # not downloaded yet: known directory names
-        shape = ModelShape(name, preset(Path(m.llm).name).llm, VISION_BY_NAME[Path(m.vision_tower).name.lower()],
-                           m.projector_type)
-    except (ValueError, KeyError):
+    name = f"{_name(m.vision_tower)} + {_name(m.llm)}"
+    vision, vision_named = _part(
+        m.vision_tower,
+        "model.vision_tower",
+        lambda v: VISION_BY_NAME.get(_name(v).lower()),
+        lambda c: _vision_shape(c.get("vision_config", c)),
+    )
+    llm, llm_named = _part(m.llm, "model.llm", _llm_by_name, lambda c: _llm_shape(c.get("text_config", c)))
+    if vision is None or llm is None:
         missing = m.vision_tower if vision is None else m.llm
-        raise ConfigError(f"model: no config.json in {missing}; download the model first or plan with --model PRESET") from None
-    logger.warning("model not downloaded: shape of %s taken from the directory names", name)
-    return shape
+        raise ConfigError(
+            f"model: no config.json in {missing}; download the model first or plan with --model PRESET"
+        )
+    if vision_named or llm_named:
+        logger.warning("model not downloaded: shape of %s taken from the directory names", name)
+    return ModelShape(name, llm, vision, m.projector_type)
 
 
 def run_for_stage(recipe: object, stage: object, n_gpus: int = 1, device: str = "cuda") -> RunSpec:
@@ -82,7 +183,9 @@ def run_for_stage(recipe: object, stage: object, n_gpus: int = 1, device: str = 
     optim = st.optim  # type: ignore[attr-defined]
     optimizer = ("paged_" if "paged" in optim else "") + ("adamw_8bit" if "8bit" in optim else "adamw")
     dtype = model.compute_dtype if model.compute_dtype != "auto" else ("bf16" if device == "cuda" else "fp32")
-    targets = tuple(t.removesuffix("_proj") for t in lora.target_modules if t.removesuffix("_proj") in LORA_TARGETS)
+    targets = tuple(
+        t.removesuffix("_proj") for t in lora.target_modules if t.removesuffix("_proj") in LORA_TARGETS
+    )
     micro, accum = st.per_device_batch_size, st.gradient_accumulation_steps
     if micro != "auto":  # fixed, or accumulation derived from global_batch_size for n_gpus
         batch = stage_batch(st, n_gpus)

@@ -1,1 +1,1 @@
-"""Prompt templates: rendering, answer spans, the masking rule, and the exported Jinja chat templates."""
+"""Prompt templates: rendering, answer spans, the masking rule, the tokenizer mode, exported chat templates."""

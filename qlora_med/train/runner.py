@@ -25,6 +25,8 @@ from qlora_med.io import atomic_dir, atomic_write_text
 from qlora_med.model.build import base_model_dir
 from qlora_med.model.load import load_model, num_image_tokens, resolve_compute_dtype
 from qlora_med.patches.select import apply_kernels
+from qlora_med.prompts.templates import tokenizer_mode
+from qlora_med.prompts.tokenization import save_training_tokenizer
 from qlora_med.train.autobatch import resolve_batch
 from qlora_med.train.distributed import check_launch, is_main_process, launched_ranks, main_process_first
 from qlora_med.train.lock import run_lock
@@ -99,6 +101,8 @@ def train_stage(recipe: RecipeConfig, stage: StageConfig) -> dict:
         with atomic_dir(final) as tmp:
             save_trainable(trainer.accelerator.unwrap_model(trainer.model), tmp)
             processor.save_pretrained(tmp)
+            # plain AutoProcessor on final/ (and on merges and exports of it) tokenizes as training did
+            save_training_tokenizer(processor.tokenizer, tokenizer_mode(stage.template), tmp)
             save_resolved(recipe, tmp / "resolved_config.yaml")
             atomic_write_text(tmp / "log_history.json", json.dumps(trainer.state.log_history, indent=1))
             atomic_write_text(tmp / "stage.json", json.dumps(info, indent=1))

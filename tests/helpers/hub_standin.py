@@ -13,6 +13,10 @@ Downloads (``snapshot_download`` / ``hf_hub_download``) from the repos in ``stat
 ``Range: bytes=N-`` answers 206). Errors carry the Hub's ``X-Error-Code`` (RepoNotFound, GatedRepo,
 RevisionNotFound, EntryNotFound). A private repo needs the token, a public one takes any or none.
 ``cut_next`` sends only the first half of the next N downloads of ``cut_file``, then drops the connection.
+
+Dataset repos (``load_dataset("org/name")``) from ``state.datasets``: the same routes under ``/api/datasets/{repo}``
+(plus the bare ``/api/datasets/{repo}``, ``tree/{rev}/{folder}?recursive=`` and ``POST paths-info/{rev}``) and
+``/datasets/{repo}/resolve/{rev}/{file}``.
 """
 
 from __future__ import annotations
@@ -24,7 +28,8 @@ import re
 import threading
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import unquote
+from pathlib import PurePosixPath
+from urllib.parse import parse_qs, unquote, urlsplit
 
 import yaml
 
@@ -64,6 +69,7 @@ class HubState:
     drop_next: int = 0  # close this many connections to drop_path without answering
     drop_path: str = "/api/repos/create"
     models: dict[str, HubModel] = field(default_factory=dict)
+    datasets: dict[str, HubModel] = field(default_factory=dict)  # dataset repos (files at one commit, as models)
     ranges: list[str] = field(default_factory=list)  # Range headers of file downloads
     cut_file: str | None = None  # "repo/file" whose download is cut half way ...
     cut_next: int = 0  # ... this many times
@@ -115,6 +121,8 @@ def _handler(state: HubState):
                     self.connection.shutdown(2)  # drop without an answer
                     return
             if method in ("GET", "HEAD") and self._serve_download(method, self.path.split("?")[0]):
+                return
+            if self._serve_dataset(method, body):
                 return
             if method == "PUT" and self.path.startswith("/lfs-upload/"):
                 oid = self.path.rsplit("/", 1)[1]
@@ -255,6 +263,66 @@ def _handler(state: HubState):
                 self.connection.shutdown(2)  # the rest never comes
                 return True
             self.wfile.write(body[start:])
+            return True
+
+        def _send_json(self, payload) -> None:
+            data = json.dumps(payload).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def _serve_dataset(self, method: str, body: bytes) -> bool:
+            """The dataset-repo routes (True when answered): repo info, tree, paths-info, file downloads."""
+            url = urlsplit(self.path)
+            path, query = unquote(url.path), parse_qs(url.query)
+            api = re.fullmatch(r"/api/datasets/([^/]+/[^/]+)(?:/(revision|tree|paths-info)/([^/]+)(?:/(.*))?)?", path)
+            resolve = re.fullmatch(r"/datasets/([^/]+/[^/]+)/resolve/([^/]+)/(.+)", path)
+            if api is None and resolve is None:
+                return False
+            head = method == "HEAD"
+            repo_id, rev = (api.group(1), api.group(3) or "main") if api else (resolve.group(1), resolve.group(2))
+            repo = state.datasets.get(repo_id)
+            auth = self.headers.get("Authorization", "")
+            if repo is None or (repo.private and auth != f"Bearer {state.token}"):
+                return self._refuse(401 if auth == "" else 404, "RepoNotFound", head)
+            if rev not in repo.revisions and rev != repo.sha:
+                return self._refuse(404, "RevisionNotFound", head)
+            folders = sorted({str(parent) for name in repo.files for parent in PurePosixPath(name).parents} - {"."})
+
+            def entry(name: str) -> dict:
+                if name in repo.files:
+                    return {"type": "file", "path": name, "size": len(repo.files[name]), "oid": repo.oid(repo.files[name])}
+                return {"type": "directory", "path": name, "oid": "0" * 40}
+
+            if api is not None and api.group(2) in (None, "revision"):
+                self._send_json({"id": repo_id, "sha": repo.sha, "private": repo.private,
+                                 "siblings": [{"rfilename": name} for name in sorted(repo.files)]})
+            elif api is not None and api.group(2) == "tree":
+                under = (api.group(4) or "").strip("/")
+                recursive = query.get("recursive", ["false"])[0].lower() == "true"
+                names = [n for n in [*folders, *sorted(repo.files)] if not under or n.startswith(under + "/")]
+                if not recursive:
+                    names = [n for n in names if str(PurePosixPath(n).parent) == (under or ".")]
+                self._send_json([entry(n) for n in names])
+            elif api is not None and method == "POST":  # paths-info
+                wanted = parse_qs(body.decode()).get("paths", [])
+                self._send_json([entry(n) for n in wanted if n in repo.files or n in folders])
+            elif resolve is not None:
+                name = resolve.group(3)
+                if name not in repo.files:
+                    return self._refuse(404, "EntryNotFound", head)
+                data = repo.files[name]
+                self.send_response(200)
+                self.send_header("X-Repo-Commit", repo.sha)
+                self.send_header("ETag", f'"{repo.oid(data)}"')
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                if not head:
+                    self.wfile.write(data)
+            else:
+                return False
             return True
 
         def do_HEAD(self) -> None:  # noqa: N802

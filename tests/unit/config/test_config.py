@@ -84,8 +84,14 @@ def test_missing_files_are_named(monkeypatch):
     monkeypatch.chdir(ROOT)
     with pytest.raises(ConfigError, match=r"stages\.align\.data\.path: file 'nope\.json' not found"):
         validate_paths(load_recipe(DEMO, ["stages.align.data.path=nope.json"]))
-    recipe = load_recipe(ROOT / "recipes" / "llava_med_v15_24gb.yaml")
-    with pytest.raises(ConfigError, match=r"model\.vision_tower: directory .* not found; download"):
+    recipe = load_recipe(
+        ROOT / "recipes" / "llava_med_v15_24gb.yaml", ["model.vision_tower=./models/no-clip"]
+    )
+    with pytest.raises(
+        ConfigError,
+        match=r"model\.vision_tower: '\./models/no-clip' is neither an existing folder "
+        r"nor a Hub model id; download",
+    ):
         validate_paths(recipe)
 
 

@@ -40,7 +40,8 @@ def _segment_starts(labels: list[int]) -> list[int]:
     ]
 
 
-@pytest.mark.parametrize("template", sorted(TEMPLATES))
+# llava_med_v1's labels are v1.0's own masks, not the answers (its prompts: tests/unit/prompts/test_templates.py)
+@pytest.mark.parametrize("template", sorted(TEMPLATES - {"llava_med_v1"}))
 def test_prompt_equals_training_encoding_up_to_each_answer(generator, template):
     gen = Generator(generator.model, generator.processor, {**generator.info, "template": template})
     spec = EncodeSpec(template, gen.num_image_tokens, 100_000, gen.image_token)

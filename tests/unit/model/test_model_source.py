@@ -12,8 +12,9 @@ import torch
 from helpers.hub_standin import HubModel, HubStandIn
 from safetensors.torch import load_file, save
 
+from qlora_med.config.model_ref import ModelRef, parse_model_ref
 from qlora_med.errors import ConfigError, QloraMedError
-from qlora_med.model.source import ModelRef, parse_model_ref, resolve_model
+from qlora_med.model.source import resolve_model
 
 TOKEN = "hf_test_token_do_not_print_0123456789"
 WEIGHTS = save({"w": torch.arange(60_000, dtype=torch.float32)})  # 240 KB
@@ -137,7 +138,7 @@ def test_gated_repo_says_to_accept_the_conditions(hub):
 
 def test_pickle_only_repo_is_refused_unless_allowed(hub):
     hub.state.models["org/old"] = HubModel(_repo(**{"pytorch_model.bin": b"pickle bytes"}))
-    with pytest.raises(ConfigError, match=r"Hub model 'org/old@main' has no \.safetensors weights.*allow_pickle=True"):
+    with pytest.raises(ConfigError, match=r"Hub model 'org/old@main' has no \.safetensors weights.*model\.allow_pickle: true"):
         resolve_model("org/old")
     assert not any("pytorch_model.bin" in r for r in hub.state.requests)
     folder = resolve_model("org/old", allow_pickle=True)

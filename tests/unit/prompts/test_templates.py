@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 from helpers.legacy import load_records
 
-from qlora_med.prompts.templates import IGNORE_INDEX, TEMPLATES, encode, render
+from qlora_med.prompts.templates import IGNORE_INDEX, TEMPLATES, encode, render, tokenizer_mode
+from qlora_med.prompts.tokenization import tokenize
 
 SAMPLE = Path(__file__).resolve().parents[3] / "data" / "sample"
 
@@ -36,7 +37,11 @@ def _encode(processor, template, rounds, max_length=4096, n_image=16):
     return tok, encode(tok, rendered, tok.convert_tokens_to_ids("<image>"), n_image, max_length)
 
 
-@pytest.mark.parametrize("template", sorted(TEMPLATES - {"plain"}))
+# The templates whose labels are the answers (llava_med_v1 reproduces v1.0's own masks: test_original_formats).
+SPAN_TEMPLATES = sorted(TEMPLATES - {"llava_med_v1"})
+
+
+@pytest.mark.parametrize("template", sorted(TEMPLATES - {"plain", "llava_med_v1"}))
 def test_labels_decode_to_exactly_the_answers(processor, template):
     tok, enc = _encode(processor, template, ROUNDS)
     spans = _answer_spans(enc.labels)
@@ -87,9 +92,9 @@ def test_generation_prompt_ends_where_the_answer_starts(processor):
 
 def _spec_encode(tok, rendered, image_id, n_image, max_length):
     """The masking rule written out token by token (what the vectorised ``encode`` must equal)."""
-    enc = tok(rendered.text, add_special_tokens=False, return_offsets_mapping=True)
+    token_ids, offsets, _ = tokenize(tok, [rendered.text], tokenizer_mode(rendered.template))
     ids, labels = [], []
-    for token, (start, end) in zip(enc["input_ids"], enc["offset_mapping"], strict=True):
+    for token, (start, end) in zip(token_ids.tolist(), offsets.tolist(), strict=True):
         if token == image_id:
             ids += [image_id] * n_image
             labels += [IGNORE_INDEX] * n_image
@@ -104,7 +109,7 @@ def _spec_encode(tok, rendered, image_id, n_image, max_length):
     return ids[:max_length], labels[:max_length], len(ids) > max_length
 
 
-@pytest.mark.parametrize("template", sorted(TEMPLATES))
+@pytest.mark.parametrize("template", SPAN_TEMPLATES)
 def test_encode_follows_the_masking_rule_token_by_token(processor, template):
     tok = processor.tokenizer
     image_id = tok.convert_tokens_to_ids("<image>")
@@ -129,3 +134,51 @@ def test_encode_follows_the_masking_rule_token_by_token(processor, template):
             assert (enc.input_ids, enc.labels, enc.truncated) == expected, (template, rounds, max_length)
             outcomes.add("truncated" if enc.truncated else "whole")
     assert outcomes == {"image cut", "truncated", "whole"}
+
+
+def test_a_batch_encodes_like_its_rows_one_by_one(processor):
+    """Templates of one tokenizer mode may share a batch; v1.0's per-turn masks stay with their rows."""
+    from qlora_med.prompts.templates import encode_batch
+
+    tok = processor.tokenizer
+    image_id = tok.convert_tokens_to_ids("<image>")
+    rendered = [
+        render(t, rounds, "<image>", tok.bos_token, tok.eos_token)
+        for rounds in (ROUNDS, ROUNDS[:1], [(ROUNDS[0][0], None)])
+        for t in sorted(TEMPLATES)
+    ]
+    batch = encode_batch(tok, rendered, image_id, 16, 60)
+    ends = batch.lengths.cumsum()
+    for r, (one, end) in enumerate(zip(rendered, ends, strict=True)):
+        enc = encode(tok, one, image_id, 16, 60)
+        rows = slice(int(end - batch.lengths[r]), int(end))
+        assert (batch.input_ids[rows].tolist(), batch.labels[rows].tolist()) == (enc.input_ids, enc.labels)
+
+
+def test_llava_med_v1_keeps_the_image_where_the_data_puts_it():
+    after = render("llava_med_v1", [("What is it?\n<image>", "A cell.")], "<image>").text
+    before = render("llava_med_v1", [("<image>\nWhat is it?", "A cell.")], "<image>").text
+    missing = render("llava_med_v1", [("What is it?", None)], "<image>").text
+    head = "<s>A chat between a curious human and an artificial intelligence assistant. The assistant gives helpful, "
+    head += "detailed, and polite answers to the human's questions.\n\n### Human: "
+    assert after == head + "What is it?\n<image>\n### Assistant: A cell.\n### "
+    assert before == head + "<image>\nWhat is it?\n### Assistant: A cell.\n### "
+    assert (
+        missing == head + "What is it?\n<image>\n### Assistant:"
+    )  # generation prompt, v1.0's evaluation placement
+
+
+@pytest.mark.parametrize("template", sorted(TEMPLATES))
+def test_generation_prompts_are_the_training_ids_up_to_each_answer(processor, template):
+    tok = processor.tokenizer
+    image_id = tok.convert_tokens_to_ids("<image>")
+    rounds = ROUNDS[:1] if template == "plain" else ROUNDS
+    training = encode(
+        tok, render(template, rounds, "<image>", tok.bos_token, tok.eos_token), image_id, 16, 4096
+    )
+    for k, (question, answer) in enumerate(rounds):
+        prompt = render(template, [*rounds[:k], (question, None)], "<image>", tok.bos_token, tok.eos_token)
+        ids = encode(tok, prompt, image_id, 16, 4096).input_ids
+        assert training.input_ids[: len(ids)] == ids, (template, k)
+        following = tok.decode(training.input_ids[len(ids) :], skip_special_tokens=True)
+        assert following.strip().startswith(answer.split()[0]), (template, k)  # the answer comes next
