@@ -42,7 +42,7 @@ IMAGE_TOKEN = "<image>"
 CONVERTER_VERSION = 1  # part of the cache key: bump when the output of convert_original changes
 _FAMILY_BY_ARCH = {"LlavaMistralForCausalLM": "mistral", "LlavaLlamaForCausalLM": "llama"}
 _FAMILY_BY_TYPE = {"llava_mistral": "mistral", "llava_llama": "llama"}
-_TEMPLATE = {"mistral": "mistral_instruct", "llama": "vicuna_v1"}  # LLaVA-Med v1.5 / LLaVA 1.5 conv modes
+_TEMPLATE = {"mistral": "llava_med_v15", "llama": "vicuna_v1"}  # the formats LLaVA-Med v1.5 / LLaVA 1.5 trained in
 _STRATEGY = {"patch": "default", "cls_patch": "full"}
 _DERIVED = re.compile(
     r"(\.rotary_emb\.inv_freq|\.embeddings\.position_ids)$"

@@ -247,7 +247,7 @@ def test_converted_model_matches_the_hand_assembled_llava(source, tower, convert
     )  # grown to a multiple of 64
     assert list(processor.image_processor.image_mean) == MEAN  # the tower's own image processor
     meta = json.loads((converted / "qlora_med.json").read_text())
-    assert meta["template"] == "mistral_instruct" and meta["image_aspect"] == "pad"
+    assert meta["template"] == "llava_med_v15" and meta["image_aspect"] == "pad"
 
     image = _pad(Image.open(IMAGE).convert("RGB"))
     prompt = f"[INST] <image>\n{QUESTION} [/INST]"
