@@ -85,7 +85,7 @@ def test_previous_final(tmp_path):
     recipe = load_recipe(ROOT / "recipes" / "demo_cpu.yaml", [f"output_dir={tmp_path / 'out'}"])
     first, second = recipe.stages[0], recipe.stages[1]
     assert previous_final(recipe, first) is None
-    with pytest.raises(FileNotFoundError, match="run the earlier stage first"):
+    with pytest.raises(QloraMedError, match="run the earlier stage first"):
         previous_final(recipe, second)
     (tmp_path / "out" / first.name / FINAL).mkdir(parents=True)
     assert previous_final(recipe, second) == tmp_path / "out" / first.name / FINAL
