@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -16,6 +17,19 @@ from qlora_med.model.load import load_model, resolve_compute_dtype
 logger = logging.getLogger(__name__)
 
 
+def _base_model_folder(path: str | Path) -> Path:
+    """``path`` as a local folder: a Hub model id is downloaded into the HF cache, and LLaVA's original layout
+    (e.g. microsoft/llava-med-v1.5-mistral-7b) is converted once, so the released models load like merged ones."""
+    from qlora_med.config.model_ref import parse_model_ref
+    from qlora_med.model.original import ensure_hf_layout, hub_tower_resolver
+    from qlora_med.model.source import resolve_model
+
+    ref = parse_model_ref(str(path), key="--model")
+    folder = ref.path if ref.path is not None else resolve_model(str(path), key="--model", role="llava")
+    cache = Path(next(f.default for f in dataclasses.fields(ModelConfig) if f.name == "cache_dir"))
+    return ensure_hf_layout(Path(folder), cache, hub_tower_resolver())
+
+
 def load_trained(path: str | Path, compute_dtype: str = "auto", quantization: str | None = None):
     """Return ``(model, processor, info)`` ready for generation (eval mode).
 
@@ -26,7 +40,7 @@ def load_trained(path: str | Path, compute_dtype: str = "auto", quantization: st
     """
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-    src = resolve_trained(path)
+    src = resolve_trained(_base_model_folder(path))
     if (src / "config.json").is_file():
         dtype = resolve_compute_dtype(compute_dtype)
         meta_file = src / META_FILE

@@ -588,3 +588,15 @@ def test_training_starts_from_an_original_layout_folder(source, tmp_path, caplog
     assert "is in LLaVA's original layout: converting it once" in caplog.text
     info = json.loads((tmp_path / "run" / "align" / "final" / "stage.json").read_text())
     assert info["base_model"].startswith(str(tmp_path / "cache" / "imported")) and info["steps"] == 2
+
+
+def test_eval_and_chat_load_the_original_layout_release_directly(source, tmp_path, monkeypatch):
+    """`--model` naming an original-layout folder (as the released LLaVA-Med v1.5): converted once, loaded as HF
+    LLaVA with the release's template, so eval vqa / chat / serve / merge start from it without a run."""
+    from qlora_med.artifacts.load import load_trained
+
+    monkeypatch.chdir(tmp_path)  # the default cache (.cache/qlora-med) goes here
+    model, processor, info = load_trained(source, compute_dtype="fp32")
+    assert type(model).__name__ == "LlavaForConditionalGeneration" and not model.training
+    assert info["template"] == "llava_med_v15" and "<image>" in processor.tokenizer.get_vocab()
+    assert any((tmp_path / ".cache" / "qlora-med" / "imported").iterdir())
