@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-fast lint clean
+.PHONY: install demo test test-fast lint llama-cpp clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -27,6 +27,11 @@ test-fast: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check qlora_med kernels tests benchmarks
+
+# The pinned llama.cpp the GGUF tests run (tests/integration/test_llama_cpp.py; they skip without it): CPU tools
+# built from the llama-cpp-python sdist into .cache/llama.cpp-<version>/bin; a no-op once built. Needs cmake, g++.
+llama-cpp: $(STAMP)
+	$(BIN)/python tests/helpers/llama_cpp_build.py
 
 clean:
 	rm -rf runs .cache

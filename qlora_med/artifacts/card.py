@@ -16,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-from qlora_med.artifacts.run_dir import saved_recipe, stage_chain
+from qlora_med.artifacts.run_dir import META_FILE, saved_recipe, stage_chain
 from qlora_med.errors import QloraMedError
 from qlora_med.io import atomic_write_text
 from qlora_med.notices import NOTICE, TAGS
@@ -84,42 +84,153 @@ def _eval_rows(path: Path) -> list[tuple[str, str, str]]:
     return rows
 
 
-def _usage(kind: str, repo: str, image_aspect: str, template: str) -> str:
+def _usage(kind: str, repo: str, image_aspect: str, template: str, model_dir: Path | None = None,
+           stage: dict | None = None, recipe: dict | None = None) -> str:
     pad = ("Images were padded to a square with the image processor's mean colour before preprocessing in "
            "training (`image_aspect: pad`); do the same for non-square images." if image_aspect == "pad" else
            "Images were resized and centre-cropped by the image processor in training.")
-    if kind == "peft":
-        code = f"""from peft import PeftModel
-from safetensors.torch import load_file
-from huggingface_hub import hf_hub_download
-from transformers import AutoProcessor, LlavaForConditionalGeneration
-
-base = LlavaForConditionalGeneration.from_pretrained("BASE_MODEL")   # the base named in adapter_config.json
-model = PeftModel.from_pretrained(base, "{repo}")                     # LoRA adapters of the LLM
-projector = load_file(hf_hub_download("{repo}", "projector.safetensors"))
-model.base_model.model.model.multi_modal_projector.load_state_dict(projector)  # the trained projector
-processor = AutoProcessor.from_pretrained("{repo}")"""
+    if kind in ("peft", "merged"):
+        return _python_usage(kind, repo, image_aspect, model_dir, stage or {}, recipe or {})
     elif kind == "gguf":
-        return ("```sh\nllama-mtmd-cli -m llm-*.gguf --mmproj mmproj-*.gguf --image scan.png "
-                "-p \"What does this image show?\"\n```\n" + pad)
+        return ("```sh\nllama-mtmd-cli -m llm-*.gguf --mmproj mmproj-*.gguf --jinja --image scan.png "
+                "-p \"What does this image show?\"\n```\n`--jinja` applies the training chat template stored in the "
+                "GGUF (without it llama.cpp guesses a built-in one). llama.cpp's LLaVA image graph puts CLIP's class token "
+                "after the patches (ggml-org/llama.cpp#25814, open as of llama.cpp in llama-cpp-python 0.3.36), so its "
+                "image features differ somewhat from transformers'; text-only prompts are unaffected. " + pad)
     elif kind == "llava-med":
         return ("Load with the original LLaVA-Med code base: `llava.model.builder.load_pretrained_model(path, None, "
                 "'llava-med-...-mistral')` (the model name must contain `llava` and `mistral`), conversation mode "
                 f"`{template}`. `mm_vision_tower` names the CLIP tower LLaVA-Med loads.\n" + pad)
+    return _python_usage("merged", repo, image_aspect, model_dir, stage or {}, recipe or {})
+
+
+def _processor_pads(model_dir: Path | None) -> bool:
+    """Whether the folder's saved image processor pads to a square itself (``do_pad``, see merge.padding_processor)."""
+    for name in ("processor_config.json", "preprocessor_config.json"):
+        path = model_dir / name if model_dir is not None else None
+        if path is not None and path.is_file():
+            config = json.loads(path.read_text())
+            if config.get("image_processor", config).get("do_pad"):
+                return True
+    return False
+
+
+def _peft_setup(repo: str, model_dir: Path | None, stage: dict, recipe: dict) -> str:
+    """Loading code that rebuilds the trained model: the base quantized exactly as in training, the adapter, the
+    fp32 projector (see qlora_med.model.load.load_model and quantization_config)."""
+    from qlora_med.model.load import QUANT_SKIP_MODULES
+
+    adapter_config = model_dir / "adapter_config.json" if model_dir is not None else None
+    base = (json.loads(adapter_config.read_text()).get("base_model_name_or_path")
+            if adapter_config is not None and adapter_config.is_file() else None) or stage.get("base_model")
+    dtype = stage.get("compute_dtype") or "float32"
+    double_quant = bool((recipe.get("model") or {}).get("double_quant", True))
+    skip = json.dumps(QUANT_SKIP_MODULES)
+    quantization = {
+        "nf4": f"""quantization = BitsAndBytesConfig(  # exactly training's: LLM linears in NF4, the rest full precision
+    load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant={double_quant},
+    bnb_4bit_compute_dtype=dtype,
+    llm_int8_skip_modules={skip},  # full module paths
+)""",
+        "int8": f"""quantization = BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules={skip})  # as in training""",
+    }.get(str(stage.get("quantization")), "quantization = None  # trained on the unquantized base")
+    return f"""import os
+
+import torch
+from huggingface_hub import hf_hub_download
+from peft import PeftModel
+from PIL import Image, ImageOps
+from safetensors.torch import load_file
+from transformers import AutoProcessor, BitsAndBytesConfig, LlavaForConditionalGeneration
+
+adapter = "{repo}"  # this folder, or its Hub repo id
+base = "{base}"  # the base the adapter was trained on (adapter_config.json)
+dtype = torch.{dtype}  # the compute dtype of training
+{quantization}
+model = LlavaForConditionalGeneration.from_pretrained(base, quantization_config=quantization, dtype=dtype,
+                                                      device_map="auto")
+model = PeftModel.from_pretrained(model, adapter).eval()  # LoRA adapters of the LLM
+projector_file = (os.path.join(adapter, "projector.safetensors") if os.path.isdir(adapter)
+                  else hf_hub_download(adapter, "projector.safetensors"))
+projector = model.base_model.model.model.multi_modal_projector  # trained in fp32, as it runs here
+projector.float().load_state_dict(load_file(projector_file))
+projector.register_forward_pre_hook(lambda module, args: (args[0].float(), *args[1:]))
+if model.device.type == "cpu":  # bitsandbytes' AVX-512 BF16 inference repacking changes logits: the training forward
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+processor = AutoProcessor.from_pretrained(adapter)"""
+
+
+def _bnb_cpu_affected(base: str | None) -> bool:
+    """Whether a local base has LLM linears whose input width is not a multiple of NF4's block (64): bitsandbytes'
+    AVX-512 CPU dequantize gets those wrong (qlora_med.patches.bnb_cpu corrects it in the kit, not elsewhere)."""
+    config_file = Path(base) / "config.json" if base else None
+    if config_file is None or not config_file.is_file():
+        return False
+    text = json.loads(config_file.read_text()).get("text_config") or {}
+    hidden, heads = int(text.get("hidden_size") or 0), int(text.get("num_attention_heads") or 1)
+    widths = {hidden, heads * int(text.get("head_dim") or hidden // heads), int(text.get("intermediate_size") or 0)}
+    return any(w % 64 for w in widths if w)
+
+
+def _python_usage(kind: str, repo: str, image_aspect: str, model_dir: Path | None, stage: dict, recipe: dict) -> str:
+    """Plain transformers (+ PEFT) code, tested to reproduce the kit's prompts, pixels and logits."""
+    if image_aspect != "pad":
+        pad = "Images were resized and centre-cropped by the image processor in training, as it does here."
+    elif _processor_pads(model_dir):
+        pad = ("The saved image processor pads non-square images to a square with the mean colour itself "
+               "(`LlavaImageProcessor(do_pad=True)`, LLaVA's `expand2square`), as training did (`image_aspect: pad`), "
+               "so this code sees the training pixels.")
     else:
-        code = f"""from transformers import AutoProcessor, LlavaForConditionalGeneration
+        pad = ("Images were padded to a square with the image processor's mean colour before preprocessing in "
+               "training (`image_aspect: pad`); do the same for non-square images.")
+    if kind == "peft":
+        setup = _peft_setup(repo, model_dir, stage, recipe)
+        pad += (" On CPU this code reproduces the kit's own loaded model (`load_trained`) bit for bit (tested); the "
+                "CPU block keeps bitsandbytes' training forward.")
+        if str(stage.get("quantization")) == "nf4" and _bnb_cpu_affected(stage.get("base_model")):
+            pad += (" This base has LLM linear layers whose input width is not a multiple of 64: on AVX-512 CPUs "
+                    "bitsandbytes 0.49-0.50 dequantizes them with other blocks' scales (the kit corrects this, plain "
+                    "bitsandbytes does not), so there the logits differ from training's; a GPU computes them right.")
+    else:
+        setup = f"""from PIL import Image, ImageOps
+from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-model = LlavaForConditionalGeneration.from_pretrained("{repo}")
-processor = AutoProcessor.from_pretrained("{repo}")"""
+model = LlavaForConditionalGeneration.from_pretrained("{repo}", device_map="auto").eval()
+processor = AutoProcessor.from_pretrained("{repo}")
+dtype = model.dtype"""
     return f"""```python
-{code}
+{setup}
 
+image = ImageOps.exif_transpose(Image.open("scan.png")).convert("RGB")
 messages = [{{"role": "user", "content": [{{"type": "image"}}, {{"type": "text", "text": "What does this image show?"}}]}}]
-prompt = processor.apply_chat_template(messages, add_generation_prompt=True)   # the training template
-inputs = processor(images=image, text=prompt, add_special_tokens=False, return_tensors="pt")
-print(processor.decode(model.generate(**inputs, max_new_tokens=128)[0], skip_special_tokens=True))
+prompt = processor.apply_chat_template(messages, add_generation_prompt=True)  # the training template
+inputs = processor(images=image, text=prompt, add_special_tokens=False, return_tensors="pt").to(model.device, dtype=dtype)
+output = model.generate(**inputs, max_new_tokens=128, do_sample=False)  # greedy
+print(processor.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True))
 ```
 {pad}"""
+
+
+_MERGES = {
+    "original": "Weights: the LoRA adapters merged onto the **original full-precision base** (`merge: original`). "
+                "Training and evaluation saw the NF4-quantized base, so this model differs from the evaluated one by "
+                "the base's NF4 rounding error; `--nf4-faithful` (merge / export) merges onto the NF4-round-tripped "
+                "base instead.",
+    "nf4-faithful": "Weights: the LoRA adapters merged onto the **NF4-round-tripped base** (`merge: nf4-faithful`: "
+                    "every NF4-quantized LLM linear is dequant(quant_nf4(W)), the weights the adapters were trained "
+                    "and evaluated with), so this model reproduces the evaluated adapter model up to float rounding.",
+}
+
+
+def _merge_line(model_dir: Path | None) -> str | None:
+    """Which base the adapters were merged onto, from the model folder's qlora_med.json (None: not merged)."""
+    meta_file = model_dir / META_FILE if model_dir is not None else None
+    if meta_file is None or not meta_file.is_file():
+        return None
+    mode = json.loads(meta_file.read_text()).get("merge")
+    return _MERGES.get(mode, f"Weights: merged with `merge: {mode}`.") if mode else None
 
 
 def build_card(src: Path, kind: str, model_dir: Path | None = None, options: CardOptions | None = None,
@@ -143,6 +254,9 @@ def build_card(src: Path, kind: str, model_dir: Path | None = None, options: Car
              f"adapters). Format: **{kind}**.", "", "## Intended use and limitations", "", NOTICE, ""]
     lines += ["## Base models", ""]
     lines += [f"- `{m}`" for m in base_models] or [f"- `{last.get('base_model')}` (local path at training time)"]
+    merge_line = _merge_line(model_dir)
+    if merge_line:
+        lines += ["", merge_line]
     lines += ["", "## Training", "", "| stage | kind | template | trains | data | steps | samples | loss first -> last "
               "| wall time | hardware |", "|---|---|---|---|---|---|---|---|---|---|"]
     stages = {s.get("name"): s for s in recipe.get("stages") or []}
@@ -174,7 +288,8 @@ def build_card(src: Path, kind: str, model_dir: Path | None = None, options: Car
     if rows:
         lines += ["## Evaluation", "", "| benchmark | metric | value |", "|---|---|---|"]
         lines += [f"| {b} | {m} | {v} |" for b, m, v in rows] + [""]
-    lines += ["## How to use", "", _usage(kind, repo, last.get("image_aspect", "pad"), str(last.get("template"))), ""]
+    lines += ["## How to use", "", _usage(kind, repo, last.get("image_aspect", "pad"), str(last.get("template")),
+                                        model_dir, last, recipe), ""]
     if recipe:
         lines += ["## Resolved recipe", "", "```yaml", yaml.safe_dump(recipe, sort_keys=False).rstrip(), "```", ""]
     return "\n".join(lines)

@@ -2,7 +2,8 @@
 
 * ``peft``: ``adapter_model.safetensors`` + ``adapter_config.json`` (loads with
   ``PeftModel.from_pretrained`` on the HF LLaVA base), ``projector.safetensors``, processor files with
-  the training chat template, and a README on loading both.
+  the training chat template (and an image processor that pads like training, see
+  :func:`qlora_med.artifacts.merge.padding_processor`), and a README whose code rebuilds the trained model.
 * ``llava-med``: the layout of ``microsoft/llava-med-v1.5-mistral-7b`` (LLaVA's ``llava_mistral``):
   LLM keys ``model.*`` / ``lm_head.weight``, projector ``model.mm_projector.{0,2}.*`` (``mlp2x_gelu``),
   vision tower ``model.vision_tower.vision_tower.vision_model.*`` (LLaVA-Med checkpoints carry it;
@@ -13,7 +14,8 @@
 * ``hf``: a ``llava-med`` export back to an HF LLaVA dir (:func:`llava_med_to_hf`).
 
 ``llava-med`` and ``gguf`` start from a merged model; given a run, they merge it first (to a
-temporary directory next to ``out``).
+temporary directory next to ``out``), onto the original base or, with ``nf4_faithful``, onto the
+NF4-round-tripped one (the weights training and evaluation saw); the README says which.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from safetensors import safe_open
 
 from qlora_med.artifacts.card import write_card
 from qlora_med.artifacts.gguf import export_gguf
-from qlora_med.artifacts.merge import MergeOptions, merge
+from qlora_med.artifacts.merge import MergeOptions, clip_processor, merge, padding_processor
 from qlora_med.artifacts.run_dir import (
     ADAPTER_CONFIG_FILE,
     ADAPTER_FILE,
@@ -100,7 +102,7 @@ class ExportOptions:
 
     format: str
     dtype: str | None = None
-    nf4_faithful: bool = False
+    nf4_faithful: bool = False  # llava-med, gguf from a run: merge onto the NF4-round-tripped base (see merge)
     base_model_id: str | None = None
     vision_tower_name: str | None = None
     max_shard_size: str = "2GB"
@@ -129,7 +131,7 @@ def export_peft(source: str | Path, out: Path, options: ExportOptions) -> Path:
         processor = AutoProcessor.from_pretrained(src if (src / "tokenizer_config.json").is_file() else info["base_model"])
         image_token = getattr(processor, "image_token", "<image>")
         set_chat_template(processor, info["template"], image_token)
-        processor.save_pretrained(tmp)
+        padding_processor(processor, info.get("image_aspect", "pad")).save_pretrained(tmp)
         meta = {"template": info["template"], "image_aspect": info.get("image_aspect", "pad"), "image_token": image_token,
                 "source": str(src.resolve()), "base_model": adapter_cfg["base_model_name_or_path"], "format": "peft",
                 "stages": [s.get("stage") for s in stage_chain(src)]}
@@ -185,7 +187,7 @@ def _write_vision_tower(merged: Path, out: Path, hf_config: dict) -> None:
                 if canonical_key(key).startswith(prefix):
                     writer.add(rename(key), handle.get_tensor(key).clone())
     writer.finish()
-    AutoProcessor.from_pretrained(merged).image_processor.save_pretrained(out)
+    clip_processor(AutoProcessor.from_pretrained(merged).image_processor).save_pretrained(out)  # LLaVA pads itself
 
 
 def hf_to_llava_med(merged: Path, out: Path, vision_tower_name: str | None = None,
@@ -238,6 +240,10 @@ def _merged_source(source: str | Path, out: Path, options: ExportOptions) -> tup
     """A merged HF dir for ``source``: itself, or a temporary merge (returned second, for clean-up)."""
     src = resolve_trained(source)
     if (src / "config.json").is_file():
+        mode = json.loads((src / META_FILE).read_text()).get("merge") if (src / META_FILE).is_file() else None
+        if options.nf4_faithful and mode != "nf4-faithful":
+            raise QloraMedError(f"{src} is already merged (merge: {mode or 'unknown'}); --nf4-faithful merges a run "
+                                "onto the NF4-round-tripped base: pass the run (or its final/) instead")
         return src, None
     tmp = out.with_name(f".{out.name}.merged")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -256,6 +262,9 @@ def export(source: str | Path, out: str | Path, options: ExportOptions) -> list[
         export_peft(source, out, options)
     elif options.format == "hf":
         llava_med_to_hf(Path(source), out, options.max_shard_size)
+        meta = json.loads((out / META_FILE).read_text()) if (out / META_FILE).is_file() else {}
+        if meta.get("source") and Path(meta["source"]).is_dir():  # an HF model again: the transformers card
+            write_card(out, Path(meta["source"]), kind="merged", repo=out.name)
     else:
         merged, temporary = _merged_source(source, out, options)
         try:

@@ -1,8 +1,8 @@
 """GGUF export for llama.cpp: the LLM as one GGUF, the vision tower + projector as an ``mmproj`` GGUF.
 
-Uses the ``gguf`` package (llama.cpp's gguf-py) for the file format, the tensor-name tables
-(``get_tensor_name_map``) and the tokenizer (``LlamaHfVocab``, ``SpecialVocab``); what it does not do
-is here:
+Uses the ``gguf`` package (llama.cpp's gguf-py) for the file format and the tensor-name tables
+(``get_tensor_name_map``); the tokenizer (SentencePiece scores and types, ``add_space_prefix``, special
+ids, chat template) is :mod:`qlora_med.artifacts.gguf_vocab`; what else ``gguf`` does not do is here:
 
 * the LLM (Mistral / Llama) in llama.cpp's ``llama`` architecture: HF's rotary layout of ``q_proj`` /
   ``k_proj`` is permuted to GGML's interleaved one (``convert_hf_to_gguf.py``'s ``LlamaModel.permute``);
@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
+from qlora_med.artifacts.gguf_vocab import add_vocab
 from qlora_med.artifacts.shards import canonical_key, weight_files
 from qlora_med.errors import QloraMedError
 
@@ -159,38 +160,9 @@ def write_llm(merged: Path, path: Path, qtype: str, name: str) -> Path:
     writer.add_rope_freq_base(float(rope.get("rope_theta", text.get("rope_theta", 10000.0))))
     vocab_size = text["vocab_size"]
     writer.add_vocab_size(vocab_size)
-    _add_vocab(writer, merged, vocab_size)
+    add_vocab(writer, merged, vocab_size)
     _write(path, writer, entries)
     return path
-
-
-def _add_vocab(writer, merged: Path, vocab_size: int) -> None:
-    """SentencePiece-style (``llama``) vocabulary from tokenizer.json, padded to the embedding size."""
-    import gguf
-
-    vocab = gguf.LlamaHfVocab(merged)
-    tokens, scores, types = [], [], []
-    for text, score, toktype in vocab.all_tokens():
-        tokens.append(text)
-        scores.append(score)
-        types.append(toktype)
-    if len(tokens) > vocab_size:
-        raise QloraMedError(f"tokenizer has {len(tokens)} tokens but the embeddings only {vocab_size} rows")
-    for i in range(len(tokens), vocab_size):
-        tokens.append(f"[PAD{i}]".encode())
-        scores.append(-1000.0)
-        types.append(gguf.TokenType.UNUSED)
-    writer.add_tokenizer_model("llama")
-    pre = json.loads((merged / "tokenizer.json").read_text()).get("pre_tokenizer") or {}
-    if pre.get("type") == "Metaspace" and pre.get("prepend_scheme") in ("first", "never"):
-        # HF adds "▁" only at the start of the string, never after a special token; llama.cpp's SPM
-        # default adds it after every special token. Without the prefix both agree on prompts that start
-        # with BOS, which every training template does.
-        writer.add_add_space_prefix(False)
-    writer.add_token_list(tokens)
-    writer.add_token_scores(scores)
-    writer.add_token_types(types)
-    gguf.SpecialVocab(merged, load_merges=False, n_vocab=vocab_size).add_to_gguf(writer)
 
 
 def write_mmproj(merged: Path, path: Path, qtype: str, name: str) -> Path:

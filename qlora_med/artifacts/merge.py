@@ -19,7 +19,8 @@ rsLoRA)::
   rounding, at the cost of keeping the 4-bit rounding of the base in 16-bit weights.
 
 Everything else (embeddings, norms, lm_head, vision tower) is copied; the projector is replaced by
-the trained ``projector.safetensors``. The merge streams: one input shard is read (``safe_open``),
+the trained ``projector.safetensors``. The processor saved with it pads non-square images to a square itself
+(:func:`padding_processor`), so plain transformers preprocesses images as training did. The merge streams: one input shard is read (``safe_open``),
 transformed tensor by tensor into an output buffer that is written whenever it reaches
 ``max_shard_size`` (2 GB by default), so peak memory is about one input shard plus one output shard
 (``benchmarks/merge_memory.py`` measures it). Keys keep the base checkpoint's on-disk names.
@@ -117,6 +118,65 @@ def quantized_linear_weights(base_dir: Path) -> set[str]:
     skip = tuple(QUANT_SKIP_MODULES)
     return {f"{name}.weight" for name, module in model.named_modules()
             if isinstance(module, torch.nn.Linear) and not any(name == s or name.startswith(s + ".") for s in skip)}
+
+
+_CLIP_PROCESSORS = ("CLIPImageProcessor", "CLIPImageProcessorPil", "LlavaImageProcessor", "LlavaImageProcessorPil")
+
+
+def _image_processor_as(image_processor, family: str, **changes):
+    """The same preprocessing (resize, crop, rescale, normalise) as a ``family`` (CLIP or Llava) image processor of
+    the same backend (PIL or torchvision), with ``changes``."""
+    from transformers.image_processing_backends import TorchvisionBackend
+
+    torchvision = isinstance(image_processor, TorchvisionBackend)
+    if family == "Llava":
+        if torchvision:
+            from transformers.models.llava.image_processing_llava import LlavaImageProcessor as cls
+        else:
+            from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil as cls
+    elif torchvision:
+        from transformers.models.clip.image_processing_clip import CLIPImageProcessor as cls
+    else:
+        from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil as cls
+    fields = {k: v for k, v in image_processor.to_dict().items()
+              if k not in ("image_processor_type", "processor_class", "do_pad", "pad_size")}
+    return cls(**fields, **changes)
+
+
+def padding_processor(processor, image_aspect: str):
+    """``processor`` with an image processor that pads to a square itself when the model trained with
+    ``image_aspect: pad``, so that plain transformers (``AutoProcessor`` + ``apply_chat_template``) computes the
+    training pixels.
+
+    transformers' ``LlavaImageProcessor(do_pad=True)`` is LLaVA's ``expand2square``: the image centred on a square of
+    ``int(mean * 255)``, then the CLIP resize / centre crop (a no-op on a square) / normalise, in the backend (PIL or
+    torchvision) of the processor training used. ``crop`` models, and image processors that are not CLIP's, keep
+    their processor (logged).
+    """
+    from qlora_med.data.images import mean_colour
+
+    image_processor = processor.image_processor
+    if image_aspect != "pad":
+        return processor
+    if type(image_processor).__name__ not in _CLIP_PROCESSORS:
+        logger.warning("image processor %s is not CLIP's: the saved processor does not pad to a square; pad non-square "
+                       "images with the mean colour %s yourself", type(image_processor).__name__,
+                       mean_colour(image_processor))
+        return processor
+    padding = _image_processor_as(image_processor, "Llava", do_pad=True)
+    theirs = tuple(int(m * 255) for m in padding.image_mean)
+    if mean_colour(image_processor) != theirs:
+        logger.warning("the saved image processor pads with %s (LLaVA's int(mean * 255)); training padded with %s: the "
+                       "borders of non-square images differ from training", theirs, mean_colour(image_processor))
+    processor.image_processor = padding
+    return processor
+
+
+def clip_processor(image_processor):
+    """A padding image processor (:func:`padding_processor`) back as CLIP's, for code that pads itself (LLaVA)."""
+    if not type(image_processor).__name__.startswith("LlavaImageProcessor"):
+        return image_processor
+    return _image_processor_as(image_processor, "CLIP")
 
 
 @dataclass
@@ -217,7 +277,8 @@ def _write(path: Path, text: str) -> None:
 
 
 def write_support_files(src: Path, base_dir: Path, out: Path, result: MergeResult, info: dict, name: str) -> None:
-    """config, generation config, processor with the trained chat template, qlora_med.json, README."""
+    """config, generation config, processor (trained chat template, padding image processor), qlora_med.json,
+    README."""
     from transformers import AutoProcessor
 
     config = json.loads((base_dir / "config.json").read_text())
@@ -229,7 +290,7 @@ def write_support_files(src: Path, base_dir: Path, out: Path, result: MergeResul
     processor = AutoProcessor.from_pretrained(src if (src / "tokenizer_config.json").is_file() else base_dir)
     image_token = getattr(processor, "image_token", "<image>")
     set_chat_template(processor, info["template"], image_token)
-    processor.save_pretrained(out)
+    padding_processor(processor, info.get("image_aspect", "pad")).save_pretrained(out)
     meta = {
         "template": info["template"], "image_aspect": info.get("image_aspect", "pad"), "image_token": image_token,
         "source": str(src.resolve()), "base_model": str(base_dir), "merge": result.mode, "dtype": result.dtype,

@@ -29,10 +29,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image-token", default="<image>", help="image placeholder (default <image>)")
     parser.add_argument("--histogram", type=Path, default=None, metavar="PNG", help="write a token-length histogram")
     parser.add_argument("--workers", type=int, default=None, help="processes opening images (default: all CPUs)")
+    parser.add_argument("--allow-outside-images", action="store_true",
+                        help="accept image paths that lead out of the image folder (absolute, '..', symlinks "
+                             "elsewhere); as data.allow_outside_images: true")
+    parser.add_argument("--max-image-pixels", type=int, default=None, metavar="N",
+                        help="images with more pixels are unusable (default 40000000, as data.max_image_pixels)")
     parser.add_argument("--list", type=int, default=10, metavar="N", help="unusable records listed (default 10)")
 
 
 def main(args: argparse.Namespace) -> int:
+    from qlora_med.config.sources import MAX_IMAGE_PIXELS, PIL_BOMB_PIXELS
     from qlora_med.data.check import check_file, check_table, load_tokenizer, plot_lengths
     from qlora_med.data.tables import cli_source
     from qlora_med.errors import QloraMedError
@@ -41,13 +47,19 @@ def main(args: argparse.Namespace) -> int:
     if source is None and args.image_folder is None:
         raise QloraMedError(f"{args.file}: a JSON/JSONL file needs --image-folder (the folder its `image` paths "
                             "are relative to)")
+    pixels = MAX_IMAGE_PIXELS if args.max_image_pixels is None else args.max_image_pixels
+    if not 0 < pixels <= PIL_BOMB_PIXELS:
+        raise QloraMedError(f"--max-image-pixels must be from 1 to {PIL_BOMB_PIXELS} (PIL refuses larger images as "
+                            f"decompression bombs), got {pixels}")
     tokenizer, n_image = load_tokenizer(args.tokenizer, args.image_token)
     options = {"template": args.template, "max_length": args.max_length, "image_token": args.image_token,
                "num_image_tokens": args.num_image_tokens or n_image, "workers": args.workers, "listed": args.list}
     if source is not None:
+        source.allow_outside_images, source.max_image_pixels = args.allow_outside_images, pixels
         report = check_table(source, tokenizer, **options)
     else:
-        report = check_file(args.file, args.image_folder, tokenizer, **options)
+        report = check_file(args.file, args.image_folder, tokenizer, **options,
+                            allow_outside_images=args.allow_outside_images, max_image_pixels=pixels)
     text = report.text()
     if args.histogram is not None:
         plot_lengths(report, args.histogram)

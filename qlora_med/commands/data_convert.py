@@ -24,7 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--link",
         action="store_true",
-        help="hard-link images (symlink across file systems) instead of copying",
+        help="hard-link images instead of copying them (copied where the file systems differ)",
     )
 
 

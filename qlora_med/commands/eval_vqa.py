@@ -14,6 +14,8 @@ HELP = "generate answers for a LLaVA-Med VQA test file or qa50 questions (resuma
 
 logger = logging.getLogger(__name__)
 
+DECODING_CHOICES = ("greedy", "llava-med")  # qlora_med.eval.generate.DECODING_PRESETS
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="run dir, stage final/, checkpoint-N/ or merged model")
@@ -35,10 +37,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--batch-size", type=int, default=8, help="questions per generate() call (left-padded)"
     )
-    parser.add_argument("--max-new-tokens", type=int, default=64, help="answer length limit in tokens")
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; > 0 samples")
     parser.add_argument(
-        "--top-p", type=float, default=1.0, help="nucleus sampling (only with --temperature > 0)"
+        "--decoding",
+        choices=DECODING_CHOICES,
+        help="named decoding settings: greedy (64 new tokens), or llava-med: LLaVA-Med's llava/eval/model_vqa.py "
+        "(temperature 0.2, top_p 1, top_k 50, 1024 new tokens; it answers one question at a time: --batch-size 1); "
+        "not with --temperature/--top-p",
+    )
+    parser.add_argument(
+        "--max-new-tokens", type=int, help="answer length limit in tokens (default 64, or the --decoding preset's)"
+    )
+    parser.add_argument("--temperature", type=float, help="0 = greedy (default); > 0 samples")
+    parser.add_argument(
+        "--top-p", type=float, help="nucleus sampling (only with --temperature > 0; default 1)"
+    )
+    parser.add_argument(
+        "--closed-suffix",
+        metavar="TEXT",
+        help="text appended (after a space) to CLOSED questions only (answer_type CLOSED), e.g. "
+        "'Please answer yes or no.', or 'yes-no' for exactly that; recorded in the prediction file",
     )
     parser.add_argument("--seed", type=int, default=0, help="sampling seed")
     parser.add_argument("--limit", type=int, help="answer only the first N questions of the file")
@@ -57,13 +74,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     from transformers import set_seed
 
+    from qlora_med.artifacts.run_dir import resolve_trained
     from qlora_med.data.tables import cli_source
-    from qlora_med.eval.generate import Generator, Sampling, load_questions, load_table_questions, run_vqa
+    from qlora_med.eval.generate import (
+        Generator,
+        answer_settings,
+        check_resumable,
+        closed_suffix_text,
+        decoding_sampling,
+        load_questions,
+        load_table_questions,
+        run_vqa,
+    )
 
     if args.batch_size < 1 or (args.limit is not None and args.limit < 1):
         raise QloraMedError("--batch-size and --limit must be >= 1")
     try:
-        sampling = Sampling(args.max_new_tokens, args.temperature, args.top_p)
+        decoding, sampling = decoding_sampling(args.decoding, args.max_new_tokens, args.temperature, args.top_p)
     except ValueError as err:
         raise QloraMedError(str(err)) from None
     source = cli_source(args.data, args.image_folder, args.split, args.revision, args.column)
@@ -73,10 +100,14 @@ def main(args: argparse.Namespace) -> int:
         questions = load_table_questions(source)[: args.limit]
     else:
         questions = load_questions(Path(args.data), args.image_folder)[: args.limit]
+    suffix = closed_suffix_text(args.closed_suffix)
+    model_id = args.model_id or Path(args.model).resolve().name
+    folder = str(resolve_trained(args.model).resolve())
+    check_resumable(args.out, model_id, answer_settings(folder, sampling, decoding, suffix))  # before loading
     set_seed(args.seed)
     generator = Generator.load(args.model, args.dtype)
-    model_id = args.model_id or Path(args.model).resolve().name
-    n = run_vqa(generator, questions, args.out, model_id, sampling, args.batch_size, not args.no_progress)
+    n = run_vqa(generator, questions, args.out, model_id, sampling, args.batch_size, not args.no_progress,
+                suffix, decoding)
     logger.info(
         "answered %d question(s) (%d in the file%s); predictions in %s",
         n,

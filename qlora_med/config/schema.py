@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from qlora_med.config.problems import raise_problems
-from qlora_med.config.sources import source_problems
+from qlora_med.config.sources import MAX_IMAGE_PIXELS, PIL_BOMB_PIXELS, source_problems
 from qlora_med.config.stages import STAGE_PRESETS, TrainSpec
 from qlora_med.errors import ConfigError
 from qlora_med.prompts.templates import TEMPLATES
@@ -202,8 +202,17 @@ class DataConfig:
     on_bad_record: Literal["error", "skip"] = _f(
         "error", "error: stop at the first unusable record; skip: count, log and drop it"
     )
-    verify_images: bool = _f(False, "open every image before training (slow on 500K records)")
+    verify_images: bool = _f(False, "decode every image once before training (each image's header is read anyway)")
     max_records: int | None = _f(None, "use only the first N records (smoke runs)")
+    allow_outside_images: bool = _f(
+        False, "accept `image` paths that lead out of image_folder (absolute paths, '..', symlinks to elsewhere); "
+        "off: such a record is a problem (reason image_outside), as in data check"
+    )
+    max_image_pixels: int = _f(
+        MAX_IMAGE_PIXELS, "an image with more pixels (width x height, read from its header before decoding) is a "
+        f"problem (reason image_too_large, skippable); default 40 MP, at most {PIL_BOMB_PIXELS} (PIL's "
+        "decompression-bomb limit). Images over 2048 px a side are shrunk to it once, when the source is cached"
+    )
 
 
 @dataclass

@@ -27,6 +27,10 @@ TABLE_COLUMNS: dict[str, tuple[str, ...]] = {
     "language": ("q_lang", "language", "lang"),  # rows are kept when it equals the source's `language`
 }
 REQUIRED_COLUMNS = ("image", "question", "answer")
+# 40 MP (e.g. 8000 x 5000): far above what LLaVA looks at (336 px) and above ordinary medical figures and scans (a few
+# MP), while one decode stays about 160 MB (RGBA) and about a second; below PIL's own warning threshold (89 MP)
+MAX_IMAGE_PIXELS = 40_000_000
+PIL_BOMB_PIXELS = 2 * 89_478_485  # PIL refuses larger images at open (DecompressionBombError), whatever we allow
 HUB_DATASET_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,95}/[\w.-]{1,96}")
 JSON_SUFFIXES = (".json", ".jsonl")
 
@@ -58,6 +62,10 @@ def source_problems(source: Any, where: str) -> list[str]:
             f"{where}.columns: only for parquet and Hub sources (a JSON/JSONL file is in "
             "LLaVA-Med form already)"
         )
+    pixels = getattr(source, "max_image_pixels", MAX_IMAGE_PIXELS)
+    if isinstance(pixels, bool) or not isinstance(pixels, int) or not 0 < pixels <= PIL_BOMB_PIXELS:
+        problems.append(f"{where}.max_image_pixels must be a whole number from 1 to {PIL_BOMB_PIXELS} (PIL refuses "
+                        f"larger images as decompression bombs), got {pixels!r}")
     if not isinstance(source.columns, dict):
         problems.append(f"{where}.columns: expected a mapping of field: column name, got {source.columns!r}")
         return problems

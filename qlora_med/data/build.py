@@ -2,7 +2,8 @@
 
 Per source (``DataConfig``), once: records are streamed from the file and checked by
 :func:`~qlora_med.data.records.parse_record` (``on_bad_record`` semantics, skips counted by
-reason), written to Arrow, then tokenized with ``Dataset.map(batched=True, num_proc=N)`` into a
+reason), their images screened (:mod:`qlora_med.data.screen`: pixel limit, images over 2048 px shrunk once into
+the entry), written to Arrow, then tokenized with ``Dataset.map(batched=True, num_proc=N)`` into a
 cache entry (:mod:`qlora_med.data.cache`). Later runs memory-map the entry: no record is held as a
 Python object, in the trainer or in its DataLoader workers, which decode images per batch
 (:class:`~qlora_med.data.collate.VisionCollator`).
@@ -38,7 +39,9 @@ from qlora_med.config.schema import DataConfig, StageConfig
 from qlora_med.config.sources import source_name
 from qlora_med.data import cache
 from qlora_med.data.encoder import EMBEDDED_SCHEMA, IMAGE_CUT, NO_ANSWER, SCHEMA, BatchEncoder, EncodeSpec
-from qlora_med.data.records import Record, SkipLog, check_records, iter_records
+from qlora_med.data.images import MAX_SIDE
+from qlora_med.data.records import Record, RecordRules, SkipLog, check_records, iter_records
+from qlora_med.data.screen import ShrinkTarget
 from qlora_med.errors import DataError, QloraMedError
 
 logger = logging.getLogger(__name__)
@@ -62,6 +65,7 @@ class SourceStats:
     records: int = 0  # records that passed the checks
     skipped: dict[str, int] = field(default_factory=dict)  # by reason (on_bad_record: skip)
     skip_examples: list[str] = field(default_factory=list)
+    shrunk: int = 0  # images larger than MAX_SIDE px shrunk once into the cache entry
     dropped: dict[str, int] = field(default_factory=dict)  # encoded but unusable, by reason
     samples: int = 0  # usable samples
     truncated: int = 0
@@ -161,7 +165,7 @@ class _Source:
     label: str  # the file, or hf:org/name (split S), in messages
     stem: str  # cache folder prefix
     key: dict[str, Any]  # what the source is and holds (part of the cache key)
-    records: Callable[[SkipLog], Iterator[Record]]
+    records: Callable[[SkipLog, ShrinkTarget], Iterator[Record]]
     embedded: bool = False  # rows carry their encoded image (the entry gets an image_bytes column)
 
 
@@ -178,31 +182,39 @@ def _open_source(cfg: DataConfig) -> _Source:
     folder_key = {"image_folder": str(folder) if folder else None,
                   "image_folder_mtime_ns": folder.stat().st_mtime_ns if folder else None}
     checks = (cfg.on_bad_record, cfg.max_records)
+    limits = {"allow_outside_images": cfg.allow_outside_images, "max_image_pixels": cfg.max_image_pixels}
     if json_file:
         path = Path(cfg.path).resolve()
         return _Source(str(cfg.path), path.stem, {"source": str(path), "sha256": cache.file_sha256(path), **folder_key},
-                       lambda skips: iter_records(path, folder, *checks, skips, cfg.verify_images))
+                       lambda skips, shrink: iter_records(path, folder, *checks, skips, cfg.verify_images, **limits,
+                                                          shrink=shrink))
     from qlora_med.data.tables import open_table
 
     table = open_table(cfg)
     key = {"source": table.identity, "sha256": table.content_sha256(), **folder_key, "columns": table.columns,
            "language": cfg.language}
     return _Source(table.label, source_name(cfg), key,
-                   lambda skips: check_records(table.rows(), table.label, folder or Path.cwd(), *checks, skips,
-                                               cfg.verify_images),
+                   lambda skips, shrink: check_records(table.rows(), table.label, folder or Path.cwd(), *checks,
+                                                       skips, cfg.verify_images, rules=RecordRules(True, **limits),
+                                                       shrink=shrink),
                    embedded=True)
 
 
-def _convert(source: _Source, tokenizer, spec: EncodeSpec, tmp: Path, stats: SourceStats,
+def _convert(source: _Source, tokenizer, spec: EncodeSpec, tmp: Path, entry: Path, stats: SourceStats,
              num_proc: int | None) -> list[str]:
-    """Check, write and tokenize one source into ``tmp``; fills ``stats``; returns the Arrow file names."""
+    """Check, write and tokenize one source into ``tmp`` (published as ``entry``); fills ``stats``; returns the
+    Arrow file names."""
     start = time.perf_counter()
     skips = SkipLog(Path(source.label))
     records_file = tmp / "records.arrow"
-    # absolute image paths: the entry is shared across working dirs
-    stats.records, image_bytes = _write_records(source.records(skips), records_file, source.embedded)
-    stats.skipped, stats.skip_examples = dict(skips.counts), list(skips.examples)
+    # absolute image paths: the entry is shared across working dirs; shrunk copies are found at entry/images
+    records = source.records(skips, ShrinkTarget(tmp / "images", entry / "images"))
+    stats.records, image_bytes = _write_records(records, records_file, source.embedded)
+    stats.skipped, stats.skip_examples, stats.shrunk = dict(skips.counts), list(skips.examples), skips.shrunk
     skips.report()
+    if stats.shrunk:
+        logger.info("%s: %d image(s) larger than %d px shrunk to it once, into the cache (not again on every draw)",
+                    source.label, stats.shrunk, MAX_SIDE)
     if not stats.records:
         raise DataError(f"{source.label}: no usable records")
     stats.check_seconds = round(time.perf_counter() - start, 2)
@@ -244,7 +256,8 @@ def encode_source(cfg: DataConfig, tokenizer, spec: EncodeSpec, cache_dir: Path,
     source = _open_source(cfg)
     key = {
         **source.key, "on_bad_record": cfg.on_bad_record,
-        "verify_images": cfg.verify_images, "max_records": cfg.max_records, "template": spec.template,
+        "verify_images": cfg.verify_images, "allow_outside_images": cfg.allow_outside_images,
+        "max_image_pixels": cfg.max_image_pixels, "max_records": cfg.max_records, "template": spec.template,
         "tokenizer": cache.tokenizer_fingerprint(tokenizer), "max_length": spec.max_length,
         "num_image_tokens": spec.num_image_tokens, "image_token": spec.image_token,
     }
@@ -260,7 +273,7 @@ def encode_source(cfg: DataConfig, tokenizer, spec: EncodeSpec, cache_dir: Path,
             tmp.mkdir()
             try:
                 stats = SourceStats(name="", path=key["source"])
-                files = _convert(source, tokenizer, spec, tmp, stats, num_proc)
+                files = _convert(source, tokenizer, spec, tmp, entry, stats, num_proc)
                 stats.seconds = round(time.perf_counter() - start, 2)
                 manifest = {"key": key, "files": files, "stats": stats.__dict__}
                 cache.publish(tmp, entry, manifest)

@@ -2,7 +2,8 @@
 
 An entry is ``<cache_dir>/<file stem>-<key digest>/`` where the key holds everything that decides
 its content: the data file's SHA-256, the image folder (path and modification time: adding or
-removing images there rebuilds), the checks (``on_bad_record``, ``verify_images``, ``max_records``),
+removing images there rebuilds), the checks (``on_bad_record``, ``verify_images``, ``max_records``,
+``allow_outside_images``, ``max_image_pixels``),
 the template, the tokenizer, ``max_length``, ``num_image_tokens`` and the image token. Entries are
 written to a temporary folder and renamed when complete, under a file lock (DDP ranks and parallel
 runs build once, the others wait and reuse it). Building an entry removes the entries of older
@@ -22,7 +23,8 @@ import datasets
 
 logger = logging.getLogger(__name__)
 
-CACHE_VERSION = 2  # bump when the encoding or the cached columns change (2: legacy-mode prompts)
+CACHE_VERSION = 3  # bump when the encoding or the cached columns change (2: legacy-mode prompts; 3: images over
+# 2048 px shrunk into the entry, image paths confined to the image folder, the pixel limit)
 MANIFEST = "manifest.json"
 
 

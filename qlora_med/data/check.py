@@ -4,13 +4,16 @@ Reads any supported file (alignment, instruct or VQA; JSON list or JSONL), or a 
 rows (:func:`check_table`, rows read by :mod:`qlora_med.data.tables`), opens every distinct image once (as
 training would decode it: embedded images from their bytes), and tokenizes every conversation with the stage
 template to report the token-length distribution, image tokens included. A record is *unusable* when training would
-reject it (the checks of :func:`~qlora_med.data.records.parse_record`, duplicate ids, unreadable
-images, invalid JSON lines) or when ``max_length`` leaves no room for its image or answer tokens;
-samples that are merely longer than ``max_length`` are truncated, and only counted.
+reject it (the one rule set of :func:`~qlora_med.data.records.inspect_record` that training applies too: turns,
+``<image>`` only in the first human turn, the image inside the image folder, answer_type in a VQA file; duplicate
+ids; unreadable images or images over ``max_image_pixels``; invalid JSON or UTF-8 lines) or when ``max_length``
+leaves no room for its image or answer tokens; samples that are merely longer than ``max_length`` are truncated,
+and only counted.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -25,13 +28,24 @@ import numpy as np
 
 from qlora_med.config.stages import STAGE_PRESETS
 from qlora_med.data.encoder import IMAGE_CUT, NO_ANSWER, BatchEncoder, EncodeSpec
-from qlora_med.data.records import IMAGE_TOKEN, BadRecord, InvalidJSON, iter_json_objects, parse_record
+from qlora_med.data.images import DEFAULT_MAX_IMAGE_PIXELS, ImageError, load_image
+from qlora_med.data.reading import file_layout
+from qlora_med.data.records import (
+    IMAGE_TOKEN,
+    ImageFolder,
+    InvalidJSON,
+    RecordRules,
+    detect_format,
+    inspect_record,
+    iter_json_objects,
+)
 from qlora_med.errors import DataError
 
 logger = logging.getLogger(__name__)
 
 LABELS = {  # reason -> how the report names it, in report order
     "invalid_json": "invalid JSON lines",
+    "invalid_utf8": "lines not valid UTF-8",
     "not_an_object": "not a JSON object",
     "empty_conversations": "no conversations",
     "role_order": "role-order problems",
@@ -39,8 +53,11 @@ LABELS = {  # reason -> how the report names it, in report order
     "no_image_token": "records without <image>",
     "image_token": "<image> misplaced/repeated",
     "no_image_field": "no `image` field",
+    "image_outside": "image outside the folder",
     "missing_image": "image missing",
     "unreadable_image": "image unreadable",
+    "image_too_large": "image over max pixels",
+    "answer_type": "no OPEN/CLOSED answer_type",
     "duplicate_id": "duplicate ids",
     IMAGE_CUT: "image tokens beyond max_length",
     NO_ANSWER: "no answer token within max_length",
@@ -66,6 +83,7 @@ class CheckReport:
     images_found: int = 0  # distinct image files
     images_missing: int = 0
     images_unreadable: int = 0
+    images_too_large: int = 0  # over max_image_pixels (or a decompression bomb): refused from the header
     problems: Counter = field(default_factory=Counter)  # reason -> records
     unusable: int = 0
     first_unusable: list[str] = field(default_factory=list)
@@ -85,7 +103,9 @@ class CheckReport:
             ("file", f"{self.path} ({self.layout}, {self.format} format)"),
             ("records", f"{self.records} ({self.turns} turns)"),
             ("images", f"{self.images_found} found, {self.images_missing} missing, "
-                       f"{self.images_unreadable} unreadable (distinct images, each opened)"),
+                       f"{self.images_unreadable} unreadable"
+                       + (f", {self.images_too_large} too large" if self.images_too_large else "")
+                       + " (distinct images, each opened)"),
         ]
         for reason, label in LABELS.items():
             if reason in ("no_image_token", "role_order", "duplicate_id") or self.problems[reason]:
@@ -107,82 +127,37 @@ class CheckReport:
         return "\n".join(lines)
 
 
-def detect_format(objects: list[Any]) -> str:
-    """alignment, instruct or vqa, from a sample of records."""
-    dicts = [o for o in objects if isinstance(o, dict)]
-    if any("answer_type" in o for o in dicts):
-        return "vqa"
-    turns = [o.get("conversations", o.get("conversatons")) for o in dicts]
-    if any("domain" in o for o in dicts) or any(isinstance(t, list) and len(t) > 2 for t in turns):
-        return "instruct"
-    return "alignment"
-
-
-def _issues(obj: Any, folder: Path) -> tuple[list[tuple[str, str]], list[tuple[str, str]] | None, str | None]:
-    """(problems, rounds if the conversation can be rendered, image path if the record names one)."""
-    if not isinstance(obj, dict):
-        return [("not_an_object", f"expected a JSON object, got {type(obj).__name__}")], None, None
-    issues: list[tuple[str, str]] = []
-    turns = obj.get("conversations", obj.get("conversatons"))
-    turns = turns if isinstance(turns, list) else []
-    roles = [t.get("from") if isinstance(t, dict) else None for t in turns]
-    values = [t.get("value") if isinstance(t, dict) else None for t in turns]
-    if turns and (len(turns) % 2 or roles != ["human", "gpt"] * (len(turns) // 2)):
-        issues.append(("role_order", f"roles {roles[:6]}{'...' if len(roles) > 6 else ''}: expected "
-                                     "alternating human/gpt turns starting with human"))
-    if turns and not all(isinstance(v, str) and v.strip() for v in values):
-        issues.append(("empty_turn", "empty or non-string turn 'value'"))
-    roles_ok = not any(reason == "role_order" for reason, _ in issues)
-    # with roles out of order, which turn is a question is unclear: look for <image> anywhere
-    questions = [v for r, v in zip(roles, values, strict=True) if isinstance(v, str) and (r == "human" or not roles_ok)]
-    count = sum(q.count(IMAGE_TOKEN) for q in questions)
-    if turns and count == 0:
-        issues.append(("no_image_token", f"no '{IMAGE_TOKEN}' in any question"))
-    elif turns and roles_ok and (count > 1 or IMAGE_TOKEN not in questions[0]):
-        issues.append(("image_token", f"{count} '{IMAGE_TOKEN}', expected one in the first question"))
-    image, data = obj.get("image"), obj.get("image_bytes")
+def _issues(obj: Any, folder: ImageFolder,
+            rules: RecordRules) -> tuple[list[tuple[str, str]], list[tuple[str, str]] | None, str | None]:
+    """(problems, rounds if the conversation can be rendered, the image's key if the record names one)."""
+    found = inspect_record(obj, folder, rules)
+    data = obj.get("image_bytes") if isinstance(obj, dict) else None
     if data is not None:  # embedded (parquet/Hub): named by its content, so each distinct image is opened once
-        found = EMBEDDED + hashlib.sha1(data).hexdigest()
-    else:
-        found = str(folder / image) if isinstance(image, str) and image else None
-    if found is None:
-        issues.append(("no_image_field", "has no 'image' path"))
-    elif data is None and not Path(found).is_file():
-        issues.append(("missing_image", f"image '{found}' not found"))
-    try:  # whatever training would reject, even if not listed above
-        parse_record(obj, folder)
-    except BadRecord as bad:
-        known = {reason for reason, _ in issues}
-        if bad.reason not in known and not (bad.reason == "image_token" and "no_image_token" in known):
-            issues.append((bad.reason, str(bad)))
-    if {reason for reason, _ in issues} & STRUCTURE or not turns:
-        return issues, None, found
-    return issues, [(values[i], values[i + 1]) for i in range(0, len(turns), 2)], found
+        return found.problems, found.rounds, EMBEDDED + hashlib.sha1(data).hexdigest()
+    return found.problems, found.rounds, None if found.image is None else str(found.image)
 
 
-def _probe(image: str | bytes) -> str | None:
-    """None when the image (a file, or embedded bytes) decodes as training decodes it, else why not."""
-    from qlora_med.data.images import load_image
-
+def _probe(image: str | bytes, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> tuple[str, str] | None:
+    """None when the image (a file, or embedded bytes) decodes as training decodes it, else (reason, why not)."""
     try:
-        load_image(image)
-    except DataError as err:
-        return str(err.__cause__ or err)
+        load_image(image, max_pixels=max_pixels)
+    except ImageError as err:
+        return err.reason, err.detail
     return None
 
 
 class _Prober:
     """Opens images as training does; many at once in worker processes (one pool, started when needed)."""
 
-    def __init__(self, workers: int) -> None:
-        self.workers, self.pool = workers, None
+    def __init__(self, workers: int, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> None:
+        self.workers, self.pool, self.probe = workers, None, functools.partial(_probe, max_pixels=max_pixels)
 
-    def __call__(self, images: list[str | bytes]) -> list[str | None]:
+    def __call__(self, images: list[str | bytes]) -> list[tuple[str, str] | None]:
         if self.workers <= 1 or len(images) < 64:
-            return [_probe(i) for i in images]
+            return [self.probe(i) for i in images]
         if self.pool is None:
             self.pool = ProcessPoolExecutor(self.workers)
-        return list(self.pool.map(_probe, images, chunksize=16))
+        return list(self.pool.map(self.probe, images, chunksize=16))
 
     def close(self) -> None:
         if self.pool is not None:
@@ -191,7 +166,8 @@ class _Prober:
 
 def check_file(path: str | Path, image_folder: str | Path, tokenizer, template: str | None = None,
                max_length: int = 2048, num_image_tokens: int = DEFAULT_IMAGE_TOKENS, image_token: str = IMAGE_TOKEN,
-               workers: int | None = None, listed: int = 10) -> CheckReport:
+               workers: int | None = None, listed: int = 10, allow_outside_images: bool = False,
+               max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> CheckReport:
     """Check every record of ``path``; see the module docstring for what counts as unusable."""
     path, folder = Path(path), Path(image_folder)
     if not path.is_file():
@@ -204,12 +180,11 @@ def check_file(path: str | Path, image_folder: str | Path, tokenizer, template: 
         if len(head) == 1000:
             break
     report = CheckReport(str(path), format=detect_format(head), max_length=max_length,
-                         num_image_tokens=num_image_tokens)
-    with path.open("rb") as fh:
-        report.layout = "JSON list" if fh.read(4096).lstrip().startswith(b"[") else "JSONL"
+                         num_image_tokens=num_image_tokens, layout=file_layout(path))
     report.template = template or STAGE_PRESETS[KIND_OF_FORMAT[report.format]].template
     encoder = BatchEncoder(tokenizer, EncodeSpec(report.template, num_image_tokens, max_length, image_token))
-    return _check(report, iter_json_objects(path, tolerant=True), folder, encoder, workers, listed)
+    rules = RecordRules(report.format == "vqa", allow_outside_images, max_image_pixels)
+    return _check(report, iter_json_objects(path, tolerant=True), folder, rules, encoder, workers, listed)
 
 
 def check_table(source, tokenizer, template: str | None = None, max_length: int = 2048,
@@ -226,21 +201,23 @@ def check_table(source, tokenizer, template: str | None = None, max_length: int 
                          layout="Hub dataset" if source.hf else "parquet")
     report.template = template or STAGE_PRESETS[KIND_OF_FORMAT[report.format]].template
     encoder = BatchEncoder(tokenizer, EncodeSpec(report.template, num_image_tokens, max_length, image_token))
-    return _check(report, table.rows(), folder, encoder, workers, listed)
+    rules = RecordRules(True, source.allow_outside_images, source.max_image_pixels)
+    return _check(report, table.rows(), folder, rules, encoder, workers, listed)
 
 
-def _check(report: CheckReport, objects, folder: Path, encoder: BatchEncoder, workers: int | None,
-           listed: int) -> CheckReport:
-    """Count every problem of the (number, record) pairs into ``report``."""
+def _check(report: CheckReport, objects, folder: Path, rules: RecordRules, encoder: BatchEncoder,
+           workers: int | None, listed: int) -> CheckReport:
+    """Count every problem of the (number, record) pairs into ``report`` under ``rules``."""
+    images_in = ImageFolder(folder, rules.allow_outside_images)
     bad: dict[int, tuple[str, list[tuple[str, str]]]] = {}  # record number -> (id, problems)
     image_users: dict[str, list[tuple[int, str]]] = {}
     seen: set[str] = set()
     lengths: list[np.ndarray] = []
     pending: list[tuple[int, str, list[tuple[str, str]]]] = []
-    prober = _Prober(workers or len(os.sched_getaffinity(0)))
+    prober = _Prober(workers or len(os.sched_getaffinity(0)), rules.max_image_pixels)
     embedded: dict[str, bytes] = {}  # embedded images not yet opened (opened 512 at a time, then dropped)
     names: dict[str, str] = {}  # embedded image -> the name its first record gives it
-    errors: dict[str, str | None] = {}  # image -> None when readable, else why not
+    errors: dict[str, tuple[str, str] | None] = {}  # image -> None when readable, else (reason, why not)
 
     def flush() -> None:
         out = encoder.encode([rounds for _, _, rounds in pending])
@@ -258,10 +235,10 @@ def _check(report: CheckReport, objects, folder: Path, encoder: BatchEncoder, wo
         for number, obj in objects:
             report.records += 1
             if isinstance(obj, InvalidJSON):
-                bad[number] = (f"line {number}", [("invalid_json", obj.message.split(": ", 2)[-1])])
+                bad[number] = (f"line {number}", [(obj.reason, obj.message.split(": ", 2)[-1])])
                 continue
             rid = str(obj.get("id", obj.get("question_id", f"#{number}"))) if isinstance(obj, dict) else f"#{number}"
-            issues, rounds, image = _issues(obj, folder)
+            issues, rounds, image = _issues(obj, images_in, rules)
             turns = obj.get("conversations", obj.get("conversatons")) if isinstance(obj, dict) else None
             report.turns += len(turns) if isinstance(turns, list) else 0
             if rid in seen:
@@ -292,10 +269,15 @@ def _check(report: CheckReport, objects, folder: Path, encoder: BatchEncoder, wo
     report.images_missing = len(image_users) - len(errors)
     for image, error in errors.items():
         if error is not None:
-            report.images_unreadable += 1
-            what = f"embedded image '{names[image]}'" if image in names else f"image '{image}'"
+            reason, detail = error
+            if reason == "image_too_large":
+                report.images_too_large += 1
+            else:
+                report.images_unreadable += 1
+            if image in names:
+                detail = detail.replace("embedded image", f"embedded image '{names[image]}'", 1)
             for number, rid in image_users[image]:
-                bad.setdefault(number, (rid, []))[1].append(("unreadable_image", f"{what}: {error}"))
+                bad.setdefault(number, (rid, []))[1].append((reason, detail))
     for number in sorted(bad):
         rid, issues = bad[number]
         for reason in {reason for reason, _ in issues}:

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from qlora_med.data.images import load_image, mean_colour, to_square
+from qlora_med.data.images import DEFAULT_MAX_IMAGE_PIXELS, ImageError, load_image, mean_colour, to_square
 from qlora_med.errors import DataError
 from qlora_med.prompts.templates import IGNORE_INDEX
 
@@ -34,15 +33,18 @@ def pad_right(
 class VisionCollator:
     """Loads and preprocesses the batch's images and pads token ids / labels.
 
-    With ``on_bad_record="skip"`` an unreadable image drops that sample from the batch (counted
-    in ``self.skipped``, shared with DataLoader worker processes); otherwise it raises a DataError
-    naming the file and record.
+    With ``on_bad_record="skip"`` an unreadable image, or one over ``max_image_pixels`` (refused from its header,
+    before decoding), drops that sample from the batch (counted in ``self.skipped``, shared with DataLoader worker
+    processes); otherwise it raises a DataError naming the file and record. Non-square images are padded with
+    :func:`~qlora_med.data.images.pad_colour` of the processor's mean, as LLaVA pads them.
     """
 
-    def __init__(self, processor, image_aspect: str, on_bad_record: str = "error") -> None:
+    def __init__(self, processor, image_aspect: str, on_bad_record: str = "error",
+                 max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> None:
         self.processor = processor
         self.image_aspect = image_aspect
         self.on_bad_record = on_bad_record
+        self.max_image_pixels = max_image_pixels
         self.background = mean_colour(processor.image_processor)
         self.pad_id = processor.tokenizer.pad_token_id
         self._skipped = multiprocessing.Value("q", 0)  # workers count into shared memory
@@ -57,14 +59,13 @@ class VisionCollator:
         images, kept = [], []
         for i, (path, rid) in enumerate(zip(paths, ids, strict=True)):
             try:
-                img = load_image(path, self.background, rid)
-            except DataError:
+                img = load_image(path, self.background, rid, self.max_image_pixels)
+            except ImageError as err:
                 if self.on_bad_record == "error":
                     raise
                 with self._skipped.get_lock():
                     self._skipped.value += 1
-                name = "(embedded)" if isinstance(path, bytes) else Path(path).name
-                logger.warning("skipping record %s: unreadable image %s", rid, name)
+                logger.warning("skipping record %s (%s): %s", rid, err.reason, err.detail)
                 continue
             images.append(to_square(img, self.image_aspect, self.background))
             kept.append(i)

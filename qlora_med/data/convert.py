@@ -3,7 +3,9 @@
 Output (``DIR``): ``train.json``, ``test.json`` and ``val.json`` when the source has a validation split,
 each a JSON list of ``{"id", "image", "answer_type", "question_type", "conversations"}`` with the human
 turn ``"<question>\\n<image>"`` and the gpt turn the answer; images go under ``DIR/images`` (copied, or
-hard-linked with a symlink fallback), and ``image`` is relative to that folder.
+hard-linked where the file system allows it, else copied: a symlink would point out of the image folder, which
+training refuses), and ``image`` is relative to that folder. A record naming an image outside its release's image
+folder (an absolute path, ``..``, a symlink to elsewhere) is refused: the converter reads only files inside ``SRC``.
 
 Source layouts:
 
@@ -36,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from qlora_med.data.reading import load_json_text
 from qlora_med.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -95,12 +98,7 @@ def _answer_type(value: Any, where: str) -> str:
 
 
 def _load_json_list(path: Path) -> list[Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except OSError as err:
-        raise DataError(f"cannot read {path}: {err.strerror or err}") from err
-    except json.JSONDecodeError as err:
-        raise DataError(f"{path}:{err.lineno}: invalid JSON ({err.msg})") from err
+    data = load_json_text(path)  # UTF-8 (a BOM is fine), not a Git LFS pointer, valid JSON
     if not isinstance(data, list):
         raise DataError(f"{path}: expected a JSON list of records")
     return data
@@ -124,6 +122,21 @@ def _load_pickle_list(path: Path) -> list[Any]:
     if not isinstance(data, list):
         raise DataError(f"{path}: expected a list of records")
     return data
+
+
+def _inside(folder: Path, name: str, where: str) -> tuple[Path, str]:
+    """(``folder / name``, that path relative to ``folder``), refusing a name that leads out of ``folder``."""
+    rel = os.path.normpath(name)
+    path = folder / rel
+    root, real = os.path.realpath(folder), os.path.realpath(path)
+    if os.path.isabs(name) or rel == os.pardir or rel.startswith(os.pardir + os.sep) or not (
+        real == root or real.startswith(root.rstrip(os.sep) + os.sep)
+    ):
+        raise DataError(
+            f"{where}: image {name!r} resolves to {real}, outside the release's image folder {folder}; the "
+            "converter reads only files inside the source folder: fix the record (or move the image there)"
+        )
+    return path, rel
 
 
 # --- readers: one per release layout --------------------------------------------------------------
@@ -152,6 +165,7 @@ def _read_vqa_rad(src: Path) -> tuple[dict[str, list[SourceQA]], int]:
         name = str(_field(rec, "image_name", where)).strip()
         if name not in images:
             raise DataError(f"{where}: image {name!r} not found in {root} or its sub-folders")
+        _inside(root, str(images[name].relative_to(root)), where)  # a listed file may be a symlink to elsewhere
         split = "test" if str(_field(rec, "phrase_type", where)).startswith("test") else "train"
         splits[split].append(
             SourceQA(
@@ -183,8 +197,7 @@ def _read_slake(src: Path) -> tuple[dict[str, list[SourceQA]], int]:
             if str(_field(rec, "q_lang", where)).strip().lower() != "en":
                 skipped += 1
                 continue
-            name = str(_field(rec, "img_name", where)).strip()
-            image = src / "imgs" / name
+            image, name = _inside(src / "imgs", str(_field(rec, "img_name", where)).strip(), where)
             if not image.is_file():
                 raise DataError(f"{where}: image {image} not found")
             splits[split].append(
@@ -201,11 +214,15 @@ def _read_slake(src: Path) -> tuple[dict[str, list[SourceQA]], int]:
     return splits, skipped
 
 
-def _find_image(folder: Path, name: str) -> Path | None:
-    direct = folder / name
+def _find_image(folder: Path, name: str, where: str) -> Path | None:
+    direct, name = _inside(folder, name, where)
     if direct.suffix.lower() in _IMAGE_SUFFIXES and direct.is_file():
         return direct
-    return next((p for s in _IMAGE_SUFFIXES if (p := folder / f"{name}{s}").is_file()), None)
+    for suffix in _IMAGE_SUFFIXES:
+        path, _ = _inside(folder, name + suffix, where)  # the file itself may be a symlink to elsewhere
+        if path.is_file():
+            return path
+    return None
 
 
 def _read_pathvqa(src: Path) -> tuple[dict[str, list[SourceQA]], int]:
@@ -222,7 +239,7 @@ def _read_pathvqa(src: Path) -> tuple[dict[str, list[SourceQA]], int]:
         for i, rec in enumerate(records):
             where = f"{path} record {i}"
             name = str(_field(rec, "image", where)).strip()
-            image = _find_image(src / "images" / split, name)
+            image = _find_image(src / "images" / split, name, where)
             if image is None:
                 raise DataError(f"{where}: image {name!r} not found in {src / 'images' / split}")
             question = str(_field(rec, "question", where)).strip()
@@ -249,10 +266,12 @@ _READERS = {"vqa-rad": _read_vqa_rad, "slake": _read_slake, "pathvqa": _read_pat
 
 
 def _place_image(src: Path, dst: Path, link: bool) -> None:
-    if dst.exists() or dst.is_symlink():
-        if link and dst.exists() and os.path.samefile(src, dst):
+    if dst.is_symlink():  # written by an older version across file systems: it leads out of the image folder
+        dst.unlink()
+    elif dst.exists():
+        if link and os.path.samefile(src, dst):
             return
-        if not link and not dst.is_symlink() and dst.stat().st_size == src.stat().st_size:
+        if not link and dst.stat().st_size == src.stat().st_size:
             return
         dst.unlink()
     dst.parent.mkdir(parents=True, exist_ok=True)
@@ -261,9 +280,9 @@ def _place_image(src: Path, dst: Path, link: bool) -> None:
         return
     try:
         os.link(src, dst)
-    except OSError:
-        logger.debug("hard link %s -> %s failed; using a symlink", src, dst)
-        os.symlink(src.resolve(), dst)
+    except OSError as err:  # another file system: a symlink would lead out of the image folder, so copy
+        logger.debug("hard link %s -> %s failed (%s); copying", src, dst, err)
+        shutil.copy2(src, dst)
 
 
 def _record(qid: Any, qa: SourceQA) -> dict[str, Any]:

@@ -1,27 +1,38 @@
-"""Read LLaVA-Med records (alignment, instruct, VQA; JSON list or JSONL) and check each one.
+"""LLaVA-Med records (alignment, instruct, VQA; JSON list or JSONL) and the one rule set they must meet.
 
-A record becomes a :class:`Record` with (question, answer) rounds. Problems raise a
-:class:`~qlora_med.errors.DataError` naming the file, the record id and the fix, or, with
-``on_bad_record="skip"``, are counted and logged by :class:`SkipLog`.
+:func:`inspect_record` lists everything wrong with a raw record; ``data check`` reports all of it, training
+(:func:`parse_record`, :func:`check_records`) stops at or skips the first problem, so the two never disagree. The
+rules: alternating human/gpt turns, none empty; exactly one ``<image>``, in the first human turn (none in an
+answer); an ``image`` inside the image folder (absolute paths, ``..`` and symlinks that lead out of it are refused
+unless ``allow_outside_images``) that exists; in a VQA file an ``answer_type`` of OPEN or CLOSED (eval score needs
+it); ids unique. Problems raise a :class:`~qlora_med.errors.DataError` naming the file, the record and the fix, or,
+with ``on_bad_record="skip"``, are counted and logged by :class:`SkipLog`. Images are checked by
+:mod:`qlora_med.data.screen`.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import re
+import os
+import stat
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
+from qlora_med.data.images import DEFAULT_MAX_IMAGE_PIXELS
+from qlora_med.data.reading import InvalidJSON, iter_json_objects  # noqa: F401  (re-exported for eval)
+from qlora_med.data.screen import ImageScreen, ShrinkTarget
 from qlora_med.errors import DataError
 
 logger = logging.getLogger(__name__)
 
 IMAGE_TOKEN = "<image>"
+ANSWER_TYPES = ("OPEN", "CLOSED")
+OUTSIDE_FIX = ("images must be inside the image folder: move the file there, or set data.allow_outside_images: "
+               "true (data check: --allow-outside-images) if you mean it")
 
 
 @dataclass
@@ -45,165 +56,180 @@ class BadRecord(Exception):
         self.reason = reason
 
 
-_CHUNK = 1 << 22  # characters read at a time from a JSON list (records are streamed, not loaded at once)
-_NON_SPACE = re.compile(r"\S")
-_DECODER = json.JSONDecoder()
-
-
 @dataclass(frozen=True)
-class InvalidJSON:
-    """A JSONL line that is not valid JSON (yielded instead of raising when ``tolerant``)."""
+class RecordRules:
+    """What a source's records must meet beyond the fixed rules (module docstring)."""
 
-    message: str
-
-
-class _ListStream:
-    """Reads the items of a JSON list one at a time, keeping only a few MiB of the file in memory."""
-
-    def __init__(self, fh, path: Path) -> None:
-        self.fh, self.path = fh, path
-        self.buf, self.pos, self.eof = "", 0, False
-        self.lines_before, self.col_before = 0, 0  # position of buf[0] in the file
-
-    def _more(self) -> bool:
-        if self.eof:
-            return False
-        chunk = self.fh.read(max(_CHUNK, len(self.buf) - self.pos))
-        if not chunk:
-            self.eof = True
-            return False
-        newline = self.buf.rfind("\n", 0, self.pos)
-        self.lines_before += self.buf.count("\n", 0, self.pos)
-        self.col_before = self.pos - newline - 1 if newline >= 0 else self.col_before + self.pos
-        self.buf, self.pos = self.buf[self.pos :] + chunk, 0
-        return True
-
-    def peek(self) -> str:
-        """The next non-whitespace character ('' at the end of the file); ``pos`` points at it."""
-        while True:
-            match = _NON_SPACE.search(self.buf, self.pos)
-            if match:
-                self.pos = match.start()
-                return self.buf[self.pos]
-            self.pos = len(self.buf)
-            if not self._more():
-                return ""
-
-    def value(self) -> Any:
-        while True:
-            try:
-                obj, end = _DECODER.raw_decode(self.buf, self.pos)
-            except json.JSONDecodeError as err:
-                if self._more():
-                    continue
-                raise self.error(err.msg, err.pos) from None
-            if not isinstance(obj, (dict, list, str)) and len(self.buf) - end < 64 and self._more():
-                continue  # a number split by the chunk boundary ("12" of "12.5e3") parses too early
-            self.pos = end
-            return obj
-
-    def error(self, msg: str, pos: int) -> DataError:
-        newline = self.buf.rfind("\n", 0, pos)
-        line = self.lines_before + self.buf.count("\n", 0, pos) + 1
-        column = pos - newline if newline >= 0 else self.col_before + pos + 1
-        return DataError(
-            f"{self.path}: invalid JSON at line {line}, column {column}: {msg}. "
-            "Fix the file (e.g. `python -m json.tool FILE`) or convert it to JSONL, one record per line."
-        )
+    vqa: bool = False  # a VQA file: every record needs answer_type OPEN or CLOSED
+    allow_outside_images: bool = False
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
 
 
-def _iter_json_list(path: Path) -> Iterator[tuple[int, Any]]:
-    with path.open(encoding="utf-8") as fh:
-        stream = _ListStream(fh, path)
-        stream.peek()
-        stream.pos += 1  # the opening '['
-        if stream.peek() == "]":
-            stream.pos += 1
+def detect_format(objects: list[Any]) -> str:
+    """alignment, instruct or vqa, from a sample of records (vqa: some record has an ``answer_type``)."""
+    dicts = [o for o in objects if isinstance(o, dict)]
+    if any("answer_type" in o for o in dicts):
+        return "vqa"
+    turns = [o.get("conversations", o.get("conversatons")) for o in dicts]
+    if any("domain" in o for o in dicts) or any(isinstance(t, list) and len(t) > 2 for t in turns):
+        return "instruct"
+    return "alignment"
+
+
+def file_format(path: Path, sample: int = 1000) -> str:
+    """:func:`detect_format` of the first ``sample`` records of a JSON/JSONL file."""
+    head = []
+    for _, obj in iter_json_objects(Path(path), tolerant=True):
+        head.append(obj)
+        if len(head) == sample:
+            break
+    return detect_format(head)
+
+
+class ImageFolder:
+    """The folder a source's ``image`` paths are relative to; :meth:`path` refuses those leading out of it."""
+
+    def __init__(self, folder: str | Path, allow_outside: bool = False) -> None:
+        self.folder, self.allow_outside = Path(folder), allow_outside
+        self.root = os.path.realpath(self.folder)
+        self._real_dirs: dict[str, str] = {}  # directory -> its real path (records share a few directories)
+
+    def _inside(self, real: str) -> bool:
+        return real == self.root or real.startswith(self.root.rstrip(os.sep) + os.sep)
+
+    def path(self, name: str) -> Path:
+        """``folder / name``; raises :class:`BadRecord` (``image_outside``) when it resolves outside the folder."""
+        return self.locate(name)[0]
+
+    def locate(self, name: str) -> tuple[Path, bool]:
+        """(:meth:`path`, whether it is a file): one ``lstat`` for a plain file, its directory resolved once."""
+        joined = os.path.join(self.folder, name)
+        try:
+            mode = os.lstat(joined).st_mode
+        except (OSError, ValueError):
+            mode = None
+        is_link = mode is not None and stat.S_ISLNK(mode)
+        is_file = mode is not None and (stat.S_ISREG(mode) or (is_link and os.path.isfile(joined)))
+        if self.allow_outside:
+            return Path(joined), is_file
+        directory, base = os.path.split(joined)
+        if base in ("", ".", "..") or is_link:
+            real = os.path.realpath(joined)
         else:
-            number = 0
-            while True:
-                number += 1
-                stream.peek()
-                yield number, stream.value()
-                char = stream.peek()
-                if char not in (",", "]"):
-                    raise stream.error("Expecting ',' delimiter" if char else "Unexpected end of file", stream.pos)
-                stream.pos += 1
-                if char == "]":
-                    break
-        if stream.peek():
-            raise stream.error("Extra data", stream.pos)
+            real_dir = self._real_dirs.get(directory)
+            if real_dir is None:
+                real_dir = self._real_dirs[directory] = os.path.realpath(directory)
+            real = os.path.join(real_dir, base)
+        if self._inside(real):
+            return Path(joined), is_file
+        if os.path.isabs(name):
+            why = "is an absolute path"
+        elif not self._inside(os.path.normpath(os.path.join(self.root, name))):
+            why = "leads out of it with '..'"
+        else:
+            why = "is reached through a symlink"
+        raise BadRecord("image_outside", f"image '{name}' {why} to {real}, outside the image folder {self.folder}; "
+                                         f"{OUTSIDE_FIX}")
 
 
-def iter_json_objects(path: Path, tolerant: bool = False) -> Iterator[tuple[int, Any]]:
-    """Yield (1-based record number or line, object) from a JSON list or a JSONL file.
+@dataclass
+class Inspection:
+    """What :func:`inspect_record` found: every problem, and what of the record is usable."""
 
-    A JSON list is streamed (never held whole in memory). ``tolerant``: an invalid JSONL line
-    yields an :class:`InvalidJSON` instead of raising (a broken JSON list always raises).
-    """
-    try:
-        with path.open("rb") as fh:
-            head = fh.read(4096).lstrip()
-    except OSError as err:
-        raise DataError(f"{path}: cannot read: {err}") from err
-    if head.startswith(b"["):
-        yield from _iter_json_list(path)
-        return
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                yield lineno, json.loads(line)
-            except json.JSONDecodeError as err:
-                message = (
-                    f"{path}: line {lineno}: invalid JSON at column {err.colno}: {err.msg}. "
-                    "Each JSONL line must be one complete JSON object."
-                )
-                if not tolerant:
-                    raise DataError(message) from err
-                yield lineno, InvalidJSON(message)
+    id: str
+    problems: list[tuple[str, str]]  # (reason, message), in the order training meets them
+    rounds: list[tuple[str, str]] | None = None  # when the turns can be rendered
+    image: Path | None = None  # the image file, when the record names one inside the folder (None: embedded)
+    record: Record | None = None  # when there is no problem
 
 
-def parse_record(obj: Any, image_folder: Path, needs_image: bool = True) -> Record:
-    """Check one raw record and return it as a :class:`Record` (raises :class:`BadRecord`)."""
+def _image_token_problem(roles: list[Any], values: list[Any], roles_ok: bool) -> tuple[str, str] | None:
+    counts = [(i, v.count(IMAGE_TOKEN)) for i, v in enumerate(values) if isinstance(v, str)]
+    total = sum(c for _, c in counts)
+    if total == 0:
+        return ("no_image_token", f"needs exactly one '{IMAGE_TOKEN}' in the first human turn (found 0); "
+                                  f"add '{IMAGE_TOKEN}\\n' before the first question")
+    if not roles_ok or (total == 1 and IMAGE_TOKEN in values[0]):
+        return None  # with roles out of order which turn is a question is unclear: role_order says enough
+    where = ", ".join(f"turn {i + 1} ({roles[i]})" + (f" x{c}" if c > 1 else "") for i, c in counts if c)
+    in_answer = any(c and roles[i] == "gpt" for i, c in counts)
+    fix = (f"remove it from the answer: an answer with '{IMAGE_TOKEN}' makes the model's image features and image "
+           "tokens disagree" if in_answer else f"keep one, in the first question ('{IMAGE_TOKEN}\\n' before it)")
+    if in_answer and IMAGE_TOKEN not in values[0]:
+        fix += f", and put '{IMAGE_TOKEN}\\n' before the first question"
+    return ("image_token", f"needs exactly one '{IMAGE_TOKEN}' in the first human turn (found {total}: {where}); "
+                           f"{fix}")
+
+
+def _answer_type_problem(obj: dict[str, Any]) -> tuple[str, str] | None:
+    value = obj.get("answer_type")
+    if value is not None and str(value).strip().upper() in ANSWER_TYPES:
+        return None
+    what = "has no answer_type" if value is None else f"has answer_type {value!r}"
+    return ("answer_type", f"{what}: a VQA file needs OPEN or CLOSED in every record (eval score splits accuracy "
+                           "by it); add it (data convert writes it)")
+
+
+def inspect_record(obj: Any, folder: ImageFolder, rules: RecordRules = RecordRules(),
+                   needs_image: bool = True) -> Inspection:
+    """Every problem of one raw record under the shared rules (module docstring)."""
     if not isinstance(obj, dict):
-        raise BadRecord("not_an_object", f"expected a JSON object, got {type(obj).__name__}")
+        return Inspection("?", [("not_an_object", f"expected a JSON object, got {type(obj).__name__}")])
     rid = str(obj.get("id", obj.get("question_id", "?")))
+    problems: list[tuple[str, str]] = []
     turns = obj.get("conversations", obj.get("conversatons"))  # one public file misspells the key
     if not isinstance(turns, list) or not turns:
-        raise BadRecord("empty_conversations", "has no 'conversations' (a non-empty list of turns)")
-    rounds: list[tuple[str, str]] = []
-    for i in range(0, len(turns), 2):
-        pair = turns[i : i + 2]
-        roles = [t.get("from") if isinstance(t, dict) else None for t in pair]
-        if roles != ["human", "gpt"]:
-            raise BadRecord(
-                "role_order",
-                f"turn {i + 1}: expected alternating human/gpt turns starting with human, got {roles}",
-            )
-        values = [t.get("value") for t in pair]
-        if not all(isinstance(v, str) and v.strip() for v in values):
-            raise BadRecord("empty_turn", f"turn {i + 1}: empty or non-string 'value'")
-        rounds.append((values[0], values[1]))
+        problems.append(("empty_conversations", "has no 'conversations' (a non-empty list of turns)"))
+        turns = []
+    roles = [t.get("from") if isinstance(t, dict) else None for t in turns]
+    values = [t.get("value") if isinstance(t, dict) else None for t in turns]
+    bad_pair = next((i for i in range(0, len(turns), 2) if roles[i : i + 2] != ["human", "gpt"]), None)
+    if bad_pair is not None:
+        problems.append(("role_order", f"turn {bad_pair + 1}: expected alternating human/gpt turns starting with "
+                                       f"human, got {roles[bad_pair : bad_pair + 2]}"))
+    empty = next((i for i, v in enumerate(values) if not (isinstance(v, str) and v.strip())), None)
+    if empty is not None:
+        problems.append(("empty_turn", f"turn {empty + 1}: empty or non-string 'value'"))
+    renderable = not problems
     image, data = obj.get("image"), obj.get("image_bytes")
+    path = None
     if needs_image:
-        if data is None and (not isinstance(image, str) or not image):
-            raise BadRecord("no_image_field", "has no 'image' path")
-        count = sum(q.count(IMAGE_TOKEN) for q, _ in rounds)
-        if IMAGE_TOKEN not in rounds[0][0] or count != 1:
-            raise BadRecord(
-                "image_token",
-                f"needs exactly one '{IMAGE_TOKEN}' in the first human turn (found {count}); "
-                f"add '{IMAGE_TOKEN}\\n' before the first question",
-            )
-        path = Path(image or "") if data is not None else image_folder / image
-        if data is None and not path.is_file():
-            raise BadRecord("missing_image", f"image '{path}' not found (check data.image_folder)")
-    else:
-        path = Path(image or "") if data is not None else image_folder / image if isinstance(image, str) else Path()
-    extra = {k: v for k, v in obj.items() if k not in {"id", "image", "image_bytes", "conversations", "conversatons"}}
-    return Record(rid, path, rounds, obj.get("answer_type"), obj.get("question_type"), extra, data)
+        token = _image_token_problem(roles, values, bad_pair is None) if turns else None
+        problems += [token] if token else []
+        if data is None and not (isinstance(image, str) and image):
+            problems.append(("no_image_field", "has no 'image' path"))
+        elif data is None:
+            try:
+                path, is_file = folder.locate(image)
+            except BadRecord as bad:
+                problems.append((bad.reason, str(bad)))
+            else:
+                if not is_file:
+                    problems.append(("missing_image", f"image '{path}' not found (check data.image_folder)"))
+    if rules.vqa:
+        problems += [p for p in [_answer_type_problem(obj)] if p]
+    rounds = [(values[i], values[i + 1]) for i in range(0, len(turns), 2)] if renderable else None
+    found = Inspection(rid, problems, rounds, path)
+    if not problems:
+        if data is not None:
+            where = Path(image or "")
+        else:
+            where = path if path is not None else folder.folder / image if isinstance(image, str) else Path()
+        extra = {k: v for k, v in obj.items()
+                 if k not in {"id", "image", "image_bytes", "conversations", "conversatons"}}
+        found.record = Record(rid, where, rounds, obj.get("answer_type"), obj.get("question_type"), extra, data)
+    return found
+
+
+def parse_record(obj: Any, image_folder: Path | ImageFolder, needs_image: bool = True,
+                 rules: RecordRules = RecordRules()) -> Record:
+    """Check one raw record and return it as a :class:`Record` (raises :class:`BadRecord`: the first problem)."""
+    folder = image_folder if isinstance(image_folder, ImageFolder) else ImageFolder(image_folder,
+                                                                                   rules.allow_outside_images)
+    found = inspect_record(obj, folder, rules, needs_image)
+    if found.problems:
+        raise BadRecord(*found.problems[0])
+    return found.record  # type: ignore[return-value]
 
 
 @dataclass
@@ -213,6 +239,7 @@ class SkipLog:
     path: Path
     counts: Counter = field(default_factory=Counter)
     examples: list[str] = field(default_factory=list)
+    shrunk: int = 0  # images larger than MAX_SIDE replaced by a shrunk copy (not a skip)
 
     def add(self, rid: str, reason: str, message: str) -> None:
         self.counts[reason] += 1
@@ -242,14 +269,21 @@ def iter_records(
     max_records: int | None = None,
     skips: SkipLog | None = None,
     verify_images: bool = False,
+    *,
+    allow_outside_images: bool = False,
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+    shrink=None,
 ) -> Iterator[Record]:
     """Yield the checked records of a LLaVA-Med file one at a time (bad ones raise or go to ``skips``).
 
-    ``verify_images`` also opens every image once (unreadable: reason ``unreadable_image``).
+    The file's format decides the rules (a VQA file: answer_type in every record). Each distinct image is screened
+    once by :class:`~qlora_med.data.screen.ImageScreen` (header and pixel limit; ``verify_images``: decoded;
+    ``shrink``: images larger than 2048 px shrunk once into that cache folder).
     """
     path = Path(path)
+    rules = RecordRules(file_format(path) == "vqa", allow_outside_images, max_image_pixels)
     yield from check_records(iter_json_objects(path), path, Path(image_folder), on_bad_record, max_records, skips,
-                             verify_images)
+                             verify_images, rules=rules, shrink=shrink)
 
 
 def check_records(
@@ -260,47 +294,72 @@ def check_records(
     max_records: int | None = None,
     skips: SkipLog | None = None,
     verify_images: bool = False,
+    *,
+    rules: RecordRules = RecordRules(),
+    shrink: ShrinkTarget | None = None,
+    window: int = 256,
 ) -> Iterator[Record]:
-    """:func:`iter_records` over (number, raw record) pairs from any reader; ``path`` names the source."""
+    """:func:`iter_records` over (number, raw record) pairs from any reader; ``path`` names the source.
+
+    Records are checked ``window`` at a time so that their images can be screened together (in worker processes
+    when there is decoding to do), then yielded in order: the first problem still raises, skips are counted in order.
+    """
     skips = skips if skips is not None else SkipLog(Path(path))
-    seen: set[str] = set()
-    image_ok: dict[Any, str | None] = {}  # image path or embedded bytes' digest -> None when readable, else why not
-    kept = 0
-    for number, obj in objects:
-        rid = str(obj.get("id", f"#{number}")) if isinstance(obj, dict) else f"#{number}"
-        try:
-            record = parse_record(obj, image_folder)
-            if record.id in seen:
-                raise BadRecord("duplicate_id", "duplicate id (ids must be unique within a file)")
-            if verify_images:
-                key = record.image if record.image_bytes is None else hashlib.sha1(record.image_bytes).digest()
-                if key not in image_ok:
-                    image_ok[key] = _unreadable(record.image if record.image_bytes is None else record.image_bytes,
-                                                record.image)
-                if image_ok[key] is not None:
-                    raise BadRecord("unreadable_image", image_ok[key])
-        except BadRecord as bad:
-            if on_bad_record == "error":
-                raise DataError(
-                    f"{path}: record {rid} (#{number}): {bad}. "
-                    "Fix the record, or set data.on_bad_record: skip to drop such records."
-                ) from None
-            skips.add(rid, bad.reason, str(bad))
-            continue
-        seen.add(record.id)
-        yield record
-        kept += 1
-        if max_records is not None and kept >= max_records:
-            break
-
-
-def _unreadable(image: Path | bytes, name: Path) -> str | None:
-    """None when the image decodes like training will decode it, else the reason."""
-    from qlora_med.data.images import load_image
-
+    folder = ImageFolder(image_folder, rules.allow_outside_images)
+    screen = ImageScreen(rules.max_image_pixels, verify_images, shrink)
+    objects, seen, kept = iter(objects), set(), 0
     try:
-        load_image(image)
-    except DataError as err:
-        what = f"image '{name}'" if isinstance(image, Path) else f"embedded image '{name}'"
-        return f"{what} is unreadable ({err.__cause__})"
-    return None
+        while max_records is None or kept < max_records:
+            batch = list(islice(objects, window if max_records is None else min(window, max_records - kept)))
+            if not batch:
+                break
+            checked: list[tuple[int, str, Record | BadRecord]] = []
+            for number, obj in batch:
+                rid = str(obj.get("id", f"#{number}")) if isinstance(obj, dict) else f"#{number}"
+                try:
+                    checked.append((number, rid, parse_record(obj, folder, rules=rules)))
+                except BadRecord as bad:
+                    checked.append((number, rid, bad))
+                    if on_bad_record == "error":
+                        break  # it raises below: no image after it needs screening
+            screen.screen([(_image_of(item), item.id) for _, _, item in checked if isinstance(item, Record)])
+            for number, rid, item in checked:
+                if isinstance(item, Record):
+                    item = _screened(item, seen, screen)
+                if isinstance(item, BadRecord):
+                    if on_bad_record == "error":
+                        raise DataError(
+                            f"{path}: record {rid} (#{number}): {item}. "
+                            "Fix the record, or set data.on_bad_record: skip to drop such records."
+                        ) from None
+                    skips.add(rid, item.reason, str(item))
+                    continue
+                seen.add(item.id)
+                yield item
+                kept += 1
+                if max_records is not None and kept >= max_records:
+                    break
+    finally:
+        skips.shrunk += screen.shrunk
+        screen.close()
+
+
+def _image_of(record: Record) -> Path | bytes:
+    return record.image if record.image_bytes is None else record.image_bytes
+
+
+def _screened(record: Record, seen: set[str], screen: ImageScreen) -> Record | BadRecord:
+    """The record with its image's outcome applied: a duplicate id or an image problem, or its shrunk copy."""
+    if record.id in seen:
+        return BadRecord("duplicate_id", "duplicate id (ids must be unique within a file)")
+    problem, replacement = screen.apply(_image_of(record))
+    if problem is not None:
+        reason, detail = problem
+        if record.image_bytes is not None:
+            detail = detail.replace("embedded image", f"embedded image '{record.image}'", 1)
+        return BadRecord(reason, detail)
+    if isinstance(replacement, Path):
+        record.image = replacement
+    elif replacement is not None:
+        record.image_bytes = replacement
+    return record

@@ -4,6 +4,10 @@ A prompt is ``templates.render`` with a final answer of ``None``, tokenized by `
 (image token expanded to the model's number of image features); images go through the training
 collator's own preprocessing (EXIF, RGB, pad/crop to square with the processor's mean colour, image
 processor). Batches are left-padded; temperature 0 means greedy decoding.
+
+``eval vqa`` settings: named decoding presets (:data:`DECODING_PRESETS`, ``llava-med`` = LLaVA-Med's own
+``model_vqa.py``), an optional suffix for CLOSED questions (:func:`ask`); each answer records them with the model
+folder, and a prediction file written with others is not resumed (:func:`check_resumable`).
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import torch
 
 from qlora_med.data.collate import VisionCollator
 from qlora_med.data.records import IMAGE_TOKEN, iter_json_objects
-from qlora_med.errors import DataError
+from qlora_med.errors import DataError, QloraMedError
 from qlora_med.prompts.templates import Rendered, encode, render
 
 logger = logging.getLogger(__name__)
@@ -35,17 +39,55 @@ _METADATA_KEYS = ("answer_type", "question_type", "type", "domain")
 
 @dataclass(frozen=True)
 class Sampling:
-    """Decoding settings; ``temperature`` 0 is greedy."""
+    """Decoding settings; ``temperature`` 0 is greedy; ``top_k`` 0 is off."""
 
     max_new_tokens: int = 64
     temperature: float = 0.0
     top_p: float = 1.0
+    top_k: int = 0
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
             raise ValueError("max_new_tokens must be >= 1")
-        if self.temperature < 0 or not 0 < self.top_p <= 1:
-            raise ValueError("temperature must be >= 0 and top_p in (0, 1]")
+        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
+            raise ValueError("temperature must be >= 0, top_p in (0, 1] and top_k >= 0")
+
+    def settings(self) -> dict[str, Any]:
+        """What decides the answers, as recorded in a prediction file (top_p / top_k None when greedy)."""
+        greedy = self.temperature == 0
+        return {"temperature": self.temperature, "top_p": None if greedy else self.top_p,
+                "top_k": None if greedy else self.top_k, "max_new_tokens": self.max_new_tokens}
+
+
+# Named decoding settings for `eval vqa --decoding`. "llava-med" is microsoft/LLaVA-Med llava/eval/model_vqa.py's
+# defaults: --temperature 0.2, --top_p None (transformers' default 1.0), num_beams 1, max_new_tokens=1024, top_k not
+# passed (transformers' default 50), set_seed(0) once; it answers one question at a time (here: --batch-size 1).
+DECODING_PRESETS: dict[str, Sampling] = {
+    "greedy": Sampling(max_new_tokens=64),
+    "llava-med": Sampling(max_new_tokens=1024, temperature=0.2, top_p=1.0, top_k=50),
+}
+# Named suffixes for `eval vqa --closed-suffix` (anything else is used as written).
+CLOSED_SUFFIXES = {"yes-no": "Please answer yes or no."}
+
+
+def decoding_sampling(
+    decoding: str | None, max_new_tokens: int | None = None, temperature: float | None = None,
+    top_p: float | None = None,
+) -> tuple[str, Sampling]:
+    """``(name, Sampling)`` for a preset (its ``max_new_tokens`` unless one is given) or, with ``decoding`` None,
+    for explicit settings (name ``greedy`` or ``sampling``). A preset with ``temperature``/``top_p`` is an error."""
+    if decoding is not None:
+        if decoding not in DECODING_PRESETS:
+            raise ValueError(f"unknown decoding {decoding!r}; choose one of {sorted(DECODING_PRESETS)}")
+        if temperature is not None or top_p is not None:
+            raise ValueError(f"--decoding {decoding} sets temperature and top_p; drop --temperature/--top-p, "
+                             "or --decoding to set them yourself")
+        preset = DECODING_PRESETS[decoding]
+        tokens = preset.max_new_tokens if max_new_tokens is None else max_new_tokens
+        return decoding, Sampling(tokens, preset.temperature, preset.top_p, preset.top_k)
+    sampling = Sampling(64 if max_new_tokens is None else max_new_tokens, 0.0 if temperature is None else temperature,
+                        1.0 if top_p is None else top_p)
+    return ("greedy" if sampling.temperature == 0 else "sampling"), sampling
 
 
 @dataclass(frozen=True)
@@ -127,10 +169,11 @@ def _vision_dtype(model) -> torch.dtype:
 class Generator:
     """Wraps ``load_trained``'s ``(model, processor, info)`` for batched and streamed generation."""
 
-    def __init__(self, model, processor, info: dict) -> None:
+    def __init__(self, model, processor, info: dict, source: str | None = None) -> None:
         from qlora_med.model.load import num_image_tokens
 
         self.model, self.processor, self.info = model, processor, info
+        self.source = source  # the resolved model folder, recorded in prediction files
         self.tokenizer = processor.tokenizer
         self.template: str = info["template"]
         self.image_token: str = info.get("image_token") or getattr(processor, "image_token", IMAGE_TOKEN)
@@ -146,11 +189,12 @@ class Generator:
     def load(cls, path: str | Path, compute_dtype: str = "auto") -> Generator:
         """Load a run dir, stage ``final/``, checkpoint or merged model (see ``load_trained``)."""
         from qlora_med.artifacts.load import load_trained
+        from qlora_med.artifacts.run_dir import resolve_trained
 
         model, processor, info = load_trained(path, compute_dtype)
         if torch.cuda.is_available() and model.device.type == "cpu":
             model.to("cuda")
-        return cls(model, processor, info)
+        return cls(model, processor, info, str(resolve_trained(path).resolve()))
 
     # ---------------------------------------------------------------- prompts
 
@@ -225,7 +269,7 @@ class Generator:
             "use_cache": True,
         }
         if sampling.temperature > 0:
-            kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=0)
+            kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k)
         else:  # neutralise sampling fields a generation_config.json may carry
             kwargs.update(temperature=None, top_p=None, top_k=None)
         if self.stop_strings:
@@ -318,6 +362,73 @@ def read_done(out: Path) -> set[str]:
     return done
 
 
+def closed_suffix_text(value: str | None) -> str | None:
+    """The text of ``--closed-suffix``: a name from :data:`CLOSED_SUFFIXES` or the text itself (None: none)."""
+    if value is None or not value.strip():
+        return None
+    return CLOSED_SUFFIXES.get(value.strip(), value.strip())
+
+
+def ask(question: Question, closed_suffix: str | None) -> str:
+    """The question as asked: ``closed_suffix`` appended (after a space) to CLOSED questions only, before an image
+    placeholder that ends the text (VQA-RAD / SLAKE files write ``question\\n<image>``)."""
+    closed = str(question.metadata.get("answer_type", "")).strip().upper() == "CLOSED"
+    if not closed_suffix or not closed:
+        return question.text
+    body = question.text.rstrip()
+    placeholder = IMAGE_TOKEN if body.endswith(IMAGE_TOKEN) else ""
+    stem = body[: len(body) - len(placeholder)]
+    text = stem.rstrip()
+    return f"{text} {closed_suffix}{stem[len(text):]}{placeholder}"
+
+
+# Settings that prediction files written before they were recorded lack, with the value they had then.
+_UNRECORDED = {"top_p": None, "top_k": None, "closed_suffix": None}
+
+
+def answer_settings(
+    model: str | None, sampling: Sampling, decoding: str | None = None, closed_suffix: str | None = None,
+    template: str | None = None,
+) -> dict[str, Any]:
+    """What a prediction file records in every answer's metadata: the model folder, the template (left out when
+    None: not known before the model loads), decoding and closed-question suffix."""
+    settings = {
+        "model": model,
+        "template": template,
+        "decoding": decoding or ("greedy" if sampling.temperature == 0 else "sampling"),
+        **sampling.settings(),
+        "closed_suffix": closed_suffix,
+    }
+    if template is None:
+        del settings["template"]
+    return settings
+
+
+def check_resumable(out: Path, model_id: str, settings: dict[str, Any]) -> None:
+    """Refuse to append to ``out`` when its first answer was written by another model or other settings (those
+    in ``settings``)."""
+    if not out.is_file():
+        return
+    with out.open("rb") as fh:
+        first = fh.readline()
+    try:
+        row = json.loads(first)
+    except ValueError:
+        return  # a torn first line: read_done's business
+    if not isinstance(row, dict):
+        return
+    recorded = {"model_id": row.get("model_id"), **(row.get("metadata") or {})}
+    for key, now in {"model_id": model_id, **settings}.items():
+        if key == "decoding" or (key not in recorded and key not in _UNRECORDED):
+            continue  # a label, or not recorded then (the model folder): nothing to compare
+        then = recorded.get(key, _UNRECORDED.get(key))
+        if then != now:
+            raise QloraMedError(
+                f"{out} holds answers from another model or other settings ({key}: {then!r} there, {now!r} now); "
+                f"pass a new --out, or delete {out} to start over"
+            )
+
+
 def run_vqa(
     generator: Generator,
     questions: list[Question],
@@ -326,10 +437,20 @@ def run_vqa(
     sampling: Sampling,
     batch_size: int = 8,
     progress: bool = True,
+    closed_suffix: str | None = None,
+    decoding: str | None = None,
 ) -> int:
-    """Answer ``questions`` not yet in ``out`` (JSONL, appended and flushed per batch); returns how many."""
+    """Answer ``questions`` not yet in ``out`` (JSONL, appended and flushed per batch); returns how many.
+
+    Every answer records the model and what decides its text (template, decoding, closed-question suffix) in its
+    ``metadata``; resuming into a file written with others raises (:func:`check_resumable`).
+    """
     from tqdm.auto import tqdm
 
+    settings = answer_settings(generator.source, sampling, decoding, closed_suffix, generator.template)
+    check_resumable(out, model_id, settings)
+    if closed_suffix and not any(ask(q, closed_suffix) != q.text for q in questions):
+        logger.warning("--closed-suffix: no question has answer_type CLOSED; every question is asked as written")
     done = read_done(out)
     todo = [q for q in questions if q.id not in done]
     if done:
@@ -341,22 +462,18 @@ def run_vqa(
             len(todo),
         )
     out.parent.mkdir(parents=True, exist_ok=True)
-    settings = {
-        "template": generator.template,
-        "temperature": sampling.temperature,
-        "max_new_tokens": sampling.max_new_tokens,
-    }
     with out.open("a", encoding="utf-8") as fh, tqdm(total=len(todo), unit="q", disable=not progress) as bar:
         for start in range(0, len(todo), batch_size):
             batch = todo[start : start + batch_size]
-            prompts = [generator.prompt_ids([(q.text, None)]) for q in batch]
+            asked = [ask(q, closed_suffix) for q in batch]
+            prompts = [generator.prompt_ids([(text, None)]) for text in asked]
             images = [q.image if q.image_bytes is None else q.image_bytes for q in batch]
             pixels = generator.pixel_values(images, [q.id for q in batch])
             answers = generator.generate(prompts, pixels, sampling)
-            for q, text in zip(batch, answers, strict=True):
+            for q, question, text in zip(batch, asked, answers, strict=True):
                 row = {
                     "question_id": q.raw_id if q.raw_id is not None else q.id,
-                    "prompt": q.text,
+                    "prompt": question,
                     "text": text,
                     "answer_id": answer_id(model_id, q.id, text),
                     "model_id": model_id,

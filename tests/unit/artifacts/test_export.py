@@ -114,6 +114,7 @@ def test_gguf_files_read_back(run, merged, tmp_path):
     assert meta["llama.attention.head_count_kv"] == text["num_key_value_heads"]
     assert meta["llama.vocab_size"] == text["vocab_size"] == len(llm.fields["tokenizer.ggml.tokens"].data)
     assert llm.fields["tokenizer.ggml.bos_token_id"].contents() == 1 and "tokenizer.chat_template" in llm.fields
+    assert "<__media__>" in llm.fields["tokenizer.chat_template"].contents()  # llama.cpp's image marker
     tensors = {t.name: t for t in llm.tensors}
     per_block = ["attn_q", "attn_k", "attn_v", "attn_output", "attn_norm", "ffn_gate", "ffn_up", "ffn_down", "ffn_norm"]
     assert set(tensors) == {"token_embd.weight", "output.weight", "output_norm.weight"} | {
@@ -167,40 +168,6 @@ def test_rotary_permutation_interleaves_halves():
     assert rows == [0, 2, 1, 3, 4, 6, 5, 7]  # per head: (j, j + d/2) pairs become adjacent (GGML NORM rope)
 
 
-def test_llama_cpp_runs_the_export(run, merged, tmp_path):
-    """Only where llama-cpp-python is installed: same tokens and logits as transformers; the mmproj loads."""
-    llama_cpp = pytest.importorskip("llama_cpp")
-    import base64
-
-    import numpy as np
-    from llama_cpp.llama_chat_format import Llava15ChatHandler
-    from transformers import AutoTokenizer, LlavaForConditionalGeneration
-
-    from qlora_med.prompts.templates import render
-
-    out = tmp_path / "gguf"
-    export(merged, out, ExportOptions(format="gguf", dtype="fp32"))
-    prompt = render("mistral_instruct", [("What is shown?", "A cell."), ("Where?", None)], "<image>").text
-    prompt = prompt.replace("<image>\n", "")  # text only: llama.cpp's Llama() has no image input
-    ids = AutoTokenizer.from_pretrained(merged)(prompt, add_special_tokens=False)["input_ids"]
-    llm = llama_cpp.Llama(model_path=str(out / "llm-f32.gguf"), n_ctx=256, logits_all=True, verbose=False)
-    assert llm.tokenize(prompt.encode(), add_bos=False, special=True) == ids
-    llm.eval(ids)
-    theirs = torch.from_numpy(np.array(llm.scores[: len(ids)]))
-    with torch.no_grad():
-        ours = LlavaForConditionalGeneration.from_pretrained(merged, dtype=torch.float32)(
-            input_ids=torch.tensor([ids])).logits[0]
-    assert (theirs - ours).abs().max().item() < 1e-2 and torch.equal(theirs.argmax(-1), ours.argmax(-1))
-
-    handler = Llava15ChatHandler(clip_model_path=str(out / "mmproj-f32.gguf"), verbose=False)
-    vlm = llama_cpp.Llama(model_path=str(out / "llm-f32.gguf"), chat_handler=handler, n_ctx=512, verbose=False)
-    image = base64.b64encode((ROOT / "data" / "sample" / "images" / "cell.png").read_bytes()).decode()
-    reply = vlm.create_chat_completion(messages=[{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{image}"}},
-        {"type": "text", "text": "What is shown?"}]}], max_tokens=4, temperature=0.0)
-    assert reply["usage"]["completion_tokens"] == 4
-
-
 def test_card_license_other_has_name_and_link(run, merged):
     """The Hub wants license_name + license_link with `license: other`: LLaVA-Med's research terms by default."""
     from qlora_med.artifacts.card import RESEARCH_LICENSE_LINK, CardOptions, build_card
@@ -211,3 +178,87 @@ def test_card_license_other_has_name_and_link(run, merged):
     own = CardOptions(license="other", license_name="my-terms", license_link="LICENSE.md")
     meta = build_card(run / "instruct" / "final", "merged", merged, options=own).split("---")[1]
     assert "license_name: my-terms" in meta and "license_link: LICENSE.md" in meta
+
+
+def test_gguf_vocabulary_is_the_sentencepiece_model(merged, tmp_path):
+    """Scores and types from tokenizer.model (llama.cpp's SPM merges by score), added tokens, padding rows."""
+    import gguf
+    from sentencepiece import SentencePieceProcessor
+    from transformers import AutoTokenizer
+
+    from qlora_med.artifacts.gguf_vocab import find_spm_model
+    from qlora_med.prompts.templates import tokenizer_mode
+
+    out = tmp_path / "gguf"
+    export(merged, out, ExportOptions(format="gguf", dtype="fp16"))
+    fields = gguf.GGUFReader(out / "llm-f16.gguf").fields
+    tokens, scores, types = (fields[f"tokenizer.ggml.{k}"].contents() for k in ("tokens", "scores", "token_type"))
+    sp = SentencePieceProcessor(model_file=str(find_spm_model(merged)))
+    n = sp.get_piece_size()
+    assert tokens[:n] == [sp.id_to_piece(i) for i in range(n)]
+    assert scores[:n] == pytest.approx([sp.get_score(i) for i in range(n)])
+    assert len(set(scores[259:n])) > 30000  # real scores, not a constant
+    tokenizer = AutoTokenizer.from_pretrained(merged)
+    image, pad = tokenizer.convert_tokens_to_ids("<image>"), tokenizer.pad_token_id
+    kinds = gguf.TokenType
+    assert types[0] == kinds.UNKNOWN and types[1] == types[2] == kinds.CONTROL and types[3] == kinds.BYTE
+    assert types[sp.piece_to_id("\u2581radi")] == kinds.NORMAL and tokens[image] == "<image>"
+    assert types[image] == types[pad] == kinds.CONTROL and tokens[pad] == "<pad>"
+    assert set(types[len(tokenizer):]) == {kinds.UNUSED} and tokens[-1] == f"[PAD{len(tokens) - 1}]"
+    meta = {k: fields[f"tokenizer.ggml.{k}"].contents() for k in (
+        "bos_token_id", "eos_token_id", "unknown_token_id", "padding_token_id", "add_bos_token", "add_space_prefix")}
+    # add_space_prefix: llama.cpp's dummy prefix before every text piece == the training tokenizer's legacy mode
+    legacy = tokenizer_mode(json.loads((merged / "qlora_med.json").read_text())["template"]).legacy
+    assert meta == {"bos_token_id": 1, "eos_token_id": 2, "unknown_token_id": 0, "padding_token_id": pad,
+                    "add_bos_token": True, "add_space_prefix": legacy}
+
+
+def test_gguf_add_space_prefix_follows_the_hf_tokenizer(tmp_path):
+    from qlora_med.artifacts.gguf_vocab import add_space_prefix
+
+    spm = Path(__import__("mistral_common").__file__).parent / "data" / "tokenizer.model.v1"  # add_dummy_prefix on
+    for spec, expected in [
+        ({"pre_tokenizer": {"type": "Metaspace", "replacement": "\u2581", "prepend_scheme": "first"}}, False),
+        ({"pre_tokenizer": {"type": "Metaspace", "replacement": "\u2581", "prepend_scheme": "never"}}, False),
+        ({"pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+            {"type": "Metaspace", "replacement": "\u2581", "prepend_scheme": "always"}]}}, True),
+        ({"normalizer": {"type": "Sequence", "normalizers": [{"type": "Prepend", "prepend": "\u2581"},
+                                                             {"type": "Replace"}]}, "pre_tokenizer": None}, True),
+        (None, True),  # no tokenizer.json: the SentencePiece model's add_dummy_prefix
+    ]:
+        folder = tmp_path / str(len(list(tmp_path.iterdir())))
+        folder.mkdir()
+        if spec is not None:
+            (folder / "tokenizer.json").write_text(json.dumps(spec))
+        assert add_space_prefix(folder, spm) is expected, spec
+
+
+def test_gguf_export_nf4_faithful_merges_onto_the_nf4_base(run, merged, tmp_path):
+    from qlora_med.errors import QloraMedError
+
+    out = tmp_path / "gguf-nf4"
+    assert cli.main(["export", str(run), "--format", "gguf", "--out", str(out), "--dtype", "fp32",
+                     "--nf4-faithful"]) == 0
+    assert json.loads((out / "qlora_med.json").read_text())["merge"] == "nf4-faithful"
+    assert "**NF4-round-tripped base**" in (out / "README.md").read_text()
+    assert "--jinja" in (out / "README.md").read_text()
+    plain = tmp_path / "gguf"
+    export(run, plain, ExportOptions(format="gguf", dtype="fp32"))
+    assert "**original full-precision base**" in (plain / "README.md").read_text()
+    with pytest.raises(QloraMedError, match="already merged"):
+        export(merged, tmp_path / "again", ExportOptions(format="gguf", nf4_faithful=True))
+
+
+def test_gguf_export_needs_the_sentencepiece_model(merged, tmp_path):
+    import shutil
+
+    from qlora_med.artifacts.gguf_vocab import find_spm_model
+    from qlora_med.errors import QloraMedError
+
+    copy = tmp_path / "merged"
+    shutil.copytree(merged, copy)
+    assert find_spm_model(copy).parent != copy  # the merged dir has none: the base's, via qlora_med.json
+    meta = json.loads((copy / "qlora_med.json").read_text())
+    (copy / "qlora_med.json").write_text(json.dumps({**meta, "base_model": str(tmp_path / "gone")}))
+    with pytest.raises(QloraMedError, match="tokenizer.model"):
+        export(copy, tmp_path / "gguf", ExportOptions(format="gguf"))

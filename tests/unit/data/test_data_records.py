@@ -135,8 +135,14 @@ def test_pad_uses_the_processor_mean_colour(processor, folder):
     assert pixels[:, 0, 0].abs().max() < 0.05 and pixels[:, 28, 28].min() > 1.5
 
 
+def _truncated_png(path: Path) -> None:
+    """A header that opens (so the build's screen passes it) and pixel data that does not decode."""
+    Image.new("RGB", (64, 64), (1, 2, 3)).save(path)
+    path.write_bytes(path.read_bytes()[:60])
+
+
 def test_unreadable_image_errors_or_is_skipped(processor, folder):
-    (folder / "bad.png").write_bytes(b"not a png")
+    _truncated_png(folder / "bad.png")
     loaded = load_records(_write(folder, [_rec("ok"), _rec("broken", image="bad.png")]), folder)
     dataset, _ = encode_records(loaded, processor, "mistral_instruct", 16, 128)
     with pytest.raises(DataError, match=r"record broken: image '.*bad.png' is unreadable .*on_bad_record: skip"):

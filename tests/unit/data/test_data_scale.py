@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 from helpers.legacy import encode_records, load_records
+from PIL import Image
 
-import qlora_med.data.records as records_module
+import qlora_med.data.reading as reading_module
 from qlora_med.config.schema import DataConfig, StageConfig
 from qlora_med.data.build import build_stage_dataset
 from qlora_med.data.collate import VisionCollator
@@ -45,7 +46,7 @@ def _build(stage, processor, cache, **kw):
 
 
 def test_streamed_json_list_equals_json_loads_and_names_error_position(tmp_path, monkeypatch):
-    monkeypatch.setattr(records_module, "_CHUNK", 7)  # records straddle many chunk boundaries
+    monkeypatch.setattr(reading_module, "_CHUNK", 7)  # records straddle many chunk boundaries
     rng = random.Random(0)
     path = tmp_path / "f.json"
     for _ in range(60):
@@ -146,7 +147,7 @@ def test_skip_counts_survive_the_cache_and_errors_match_load_records(processor, 
     with pytest.raises(DataError) as legacy_err:
         load_records(path, folder)
     assert str(built_err.value) == str(legacy_err.value)
-    expected = {"missing_image": 1, "image_token": 1, "duplicate_id": 1, "role_order": 1}
+    expected = {"missing_image": 1, "no_image_token": 1, "duplicate_id": 1, "role_order": 1}
     for hit in (False, True):
         dataset, stats = _build(_stage(path, folder, on_bad_record="skip"), processor, tmp_path / "cache")
         source = stats.sources[0]
@@ -173,7 +174,8 @@ def test_image_tokens_that_cannot_fit_raise_naming_the_record(processor, folder,
 
 
 def test_parallel_tokenization_and_collator_with_two_dataloader_workers(processor, folder, tmp_path):
-    (folder / "bad.png").write_bytes(b"not a png")
+    Image.new("RGB", (64, 64)).save(folder / "bad.png")  # opens (passes the build's screen), does not decode
+    (folder / "bad.png").write_bytes((folder / "bad.png").read_bytes()[:60])
     rows = [_rec(f"r{i}", image="bad.png" if i == 7 else "cell.png", a="word " * (1 + i % 30)) for i in range(120)]
     path = tmp_path / "d.json"
     path.write_text(json.dumps(rows))

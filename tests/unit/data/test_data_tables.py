@@ -279,13 +279,13 @@ def test_stage_data_keeps_images_encoded_until_the_collator(vqa_rad, tmp_path, p
     assert collator([mixed[0], mixed[39]])["pixel_values"].shape[0] == 2
     # an undecodable embedded image: counted and skipped in the collator, or before training (verify_images)
     rows = _rows("vqa_train.json")
-    rows["image"][2] = {"bytes": b"\x89PNG broken", "path": None}
+    rows["image"][2] = {"bytes": rows["image"][2]["bytes"][:60], "path": None}  # a header that opens, cut short
     broken = _parquet(tmp_path / "broken.parquet", rows, FEATURES)
     skipping = DataConfig(path=str(broken), on_bad_record="skip")
     dataset, stats = build_stage_dataset(_stage(skipping), processor, 16, "<image>", 0, cache)
     collator = VisionCollator(processor, "pad", stats.on_bad_image)
     assert collator([dataset[i] for i in range(4)])["pixel_values"].shape[0] == 3 and collator.skipped == 1
-    assert "skipping record 2: unreadable image (embedded)" in caplog.text
+    assert "skipping record 2 (unreadable_image): embedded image is unreadable" in caplog.text
     with pytest.raises(DataError, match="record 2: embedded image is unreadable"):
         VisionCollator(processor, "pad")([dataset[2]])
     verified, stats = build_stage_dataset(
