@@ -17,7 +17,7 @@ from qlora_med.model.load import load_model, resolve_compute_dtype
 logger = logging.getLogger(__name__)
 
 
-def _base_model_folder(path: str | Path) -> Path:
+def model_folder(path: str | Path) -> Path:
     """``path`` as a local folder: a Hub model id is downloaded into the HF cache, and LLaVA's original layout
     (e.g. microsoft/llava-med-v1.5-mistral-7b) is converted once, so the released models load like merged ones."""
     from qlora_med.config.model_ref import parse_model_ref
@@ -30,6 +30,12 @@ def _base_model_folder(path: str | Path) -> Path:
     return ensure_hf_layout(Path(folder), cache, hub_tower_resolver())
 
 
+def trained_folder(path: str | Path) -> Path:
+    """The folder :func:`load_trained` loads for ``path``: a stage output, a merged model, or a base model
+    (a Hub id or an original-layout release, converted)."""
+    return resolve_trained(model_folder(path))
+
+
 def load_trained(path: str | Path, compute_dtype: str = "auto", quantization: str | None = None):
     """Return ``(model, processor, info)`` ready for generation (eval mode).
 
@@ -40,7 +46,7 @@ def load_trained(path: str | Path, compute_dtype: str = "auto", quantization: st
     """
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-    src = resolve_trained(_base_model_folder(path))
+    src = trained_folder(path)
     if (src / "config.json").is_file():
         dtype = resolve_compute_dtype(compute_dtype)
         meta_file = src / META_FILE

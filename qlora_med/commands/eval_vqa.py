@@ -30,6 +30,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="folder the 'image' paths are relative to (JSON: required; parquet/Hub: only for paths, not embedded images)",
     )
+    parser.add_argument("--allow-outside-images", action="store_true",
+                        help="accept image paths that resolve outside --image-folder (absolute paths, .., symlinks)")
     add_source_arguments(parser, "test")
     parser.add_argument(
         "--out", type=Path, required=True, help="prediction JSONL; re-running skips answered ids"
@@ -74,7 +76,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     from transformers import set_seed
 
-    from qlora_med.artifacts.run_dir import resolve_trained
+    from qlora_med.artifacts.load import trained_folder
     from qlora_med.data.tables import cli_source
     from qlora_med.eval.generate import (
         Generator,
@@ -97,12 +99,13 @@ def main(args: argparse.Namespace) -> int:
     if source is None and args.image_folder is None:
         raise QloraMedError(f"{args.data}: a JSON/JSONL test file needs --image-folder")
     if source is not None:
+        source.allow_outside_images = args.allow_outside_images
         questions = load_table_questions(source)[: args.limit]
     else:
-        questions = load_questions(Path(args.data), args.image_folder)[: args.limit]
+        questions = load_questions(Path(args.data), args.image_folder, args.allow_outside_images)[: args.limit]
     suffix = closed_suffix_text(args.closed_suffix)
     model_id = args.model_id or Path(args.model).resolve().name
-    folder = str(resolve_trained(args.model).resolve())
+    folder = str(trained_folder(args.model).resolve())
     check_resumable(args.out, model_id, answer_settings(folder, sampling, decoding, suffix))  # before loading
     set_seed(args.seed)
     generator = Generator.load(args.model, args.dtype)

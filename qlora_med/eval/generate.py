@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from qlora_med.data.collate import VisionCollator
-from qlora_med.data.records import IMAGE_TOKEN, iter_json_objects
+from qlora_med.data.records import IMAGE_TOKEN, BadRecord, ImageFolder, iter_json_objects
 from qlora_med.errors import DataError, QloraMedError
 from qlora_med.prompts.templates import Rendered, encode, render
 
@@ -102,8 +102,10 @@ class Question:
     image_bytes: bytes | None = None  # an embedded image (parquet/Hub test sets); ``image`` is then its name
 
 
-def load_questions(path: Path, image_folder: Path) -> list[Question]:
-    """Questions from a LLaVA-Med VQA file (``id``, ``conversations``) or qa50 JSONL (``question_id``, ``text``)."""
+def load_questions(path: Path, image_folder: Path, allow_outside_images: bool = False) -> list[Question]:
+    """Questions from a LLaVA-Med VQA file (``id``, ``conversations``) or qa50 JSONL (``question_id``, ``text``);
+    image paths must resolve inside ``image_folder`` unless ``allow_outside_images``."""
+    folder = ImageFolder(image_folder, allow_outside_images)
     questions: list[Question] = []
     for number, obj in iter_json_objects(path):
         where = f"{path} record #{number}"
@@ -124,7 +126,11 @@ def load_questions(path: Path, image_folder: Path) -> list[Question]:
                 f"{where}: needs 'id' + 'conversations' (VQA) or 'question_id' + 'text' (qa50), and 'image'"
             )
         meta = {k: obj[k] for k in _METADATA_KEYS if k in obj}
-        questions.append(Question(str(rid), image_folder / obj["image"], text, meta, rid))
+        try:
+            image = folder.path(obj["image"])
+        except BadRecord as bad:
+            raise DataError(f"{where}: {bad} (or pass --allow-outside-images)") from None
+        questions.append(Question(str(rid), image, text, meta, rid))
     ids = [q.id for q in questions]
     if len(set(ids)) != len(ids):
         raise DataError(f"{path}: duplicate question ids")
@@ -141,7 +147,7 @@ def load_table_questions(source) -> list[Question]:
     from qlora_med.data.tables import open_table
 
     table = open_table(source)
-    folder = Path(source.image_folder) if source.image_folder is not None else Path()
+    folder = ImageFolder(source.image_folder or ".", getattr(source, "allow_outside_images", False))
     questions: list[Question] = []
     shared: dict[bytes, bytes] = {}
     for number, obj in table.rows():
@@ -151,7 +157,10 @@ def load_table_questions(source) -> list[Question]:
             raise DataError(f"{table.label} row #{number}: needs a question and an image")
         if data is not None:
             data = shared.setdefault(hashlib.sha1(data).digest(), data)
-        image = Path(obj["image"]) if data is not None else folder / obj["image"]
+        try:
+            image = Path(obj["image"]) if data is not None else folder.path(obj["image"])
+        except BadRecord as bad:
+            raise DataError(f"{table.label} row #{number}: {bad} (or pass --allow-outside-images)") from None
         meta = {k: obj[k] for k in _METADATA_KEYS if k in obj}
         questions.append(Question(str(obj["id"]), image, text, meta, obj["id"], data))
     if len({q.id for q in questions}) != len(questions):

@@ -141,3 +141,22 @@ def test_eval_vqa_cli_refuses_before_loading_the_model(run_dir, tmp_path, caplog
     assert cli([*args, "--decoding", "llava-med", "--temperature", "0.5"]) == 1
     assert "drop --temperature" in caplog.text
     assert out.read_text() == before
+
+
+def test_question_images_must_stay_inside_the_image_folder(tmp_path):
+    """An eval file whose image path leads out of --image-folder is refused by record, unless allowed."""
+    import json
+
+    import pytest
+    from qlora_med.errors import DataError
+    from qlora_med.eval.generate import load_questions
+
+    (tmp_path / "images").mkdir()
+    (tmp_path / "secret.png").write_bytes(b"x")
+    test = tmp_path / "test.json"
+    test.write_text(json.dumps([{"id": 1, "image": "../secret.png", "answer_type": "CLOSED",
+                                 "conversations": [{"from": "human", "value": "<image>\nIs it normal?"},
+                                                   {"from": "gpt", "value": "yes"}]}]))
+    with pytest.raises(DataError, match=r"test.json record #1: .*outside.*--allow-outside-images"):
+        load_questions(test, tmp_path / "images")
+    assert load_questions(test, tmp_path / "images", allow_outside_images=True)[0].image.name == "secret.png"
