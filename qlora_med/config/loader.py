@@ -125,7 +125,12 @@ def _apply_override(data: dict[str, Any], override: str) -> None:
     if "=" not in override:
         raise ConfigError(f"override '{override}' must look like dotted.key=value")
     dotted, raw = override.split("=", 1)
-    value = yaml.safe_load(raw) if raw.strip() else None
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as err:
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"override '{override}': the value is not valid YAML ({problem}); quote it "
+                          f"('{dotted}=\"...\"') or fix the brackets") from None
     node: Any = data
     parts = dotted.split(".")
     for i, part in enumerate(parts[:-1]):

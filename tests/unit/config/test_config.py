@@ -204,3 +204,8 @@ def test_validate_without_files_still_checks_combinations(monkeypatch, caplog):
     caplog.clear()
     assert cli_main(["validate", "recipes/demo_cpu.yaml", "--no-files"]) == 0
     assert "recipes/demo_cpu.yaml: valid" in caplog.text
+
+
+def test_override_with_malformed_yaml_is_one_line():
+    with pytest.raises(ConfigError, match=r"override 'stages.align.max_steps=\[1': the value is not valid YAML"):
+        load_recipe(ROOT / "recipes" / "demo_cpu.yaml", ["stages.align.max_steps=[1"])
