@@ -56,6 +56,7 @@ from qlora_med.artifacts.shards import ShardWriter, canonical_key, parse_size, w
 from qlora_med.errors import QloraMedError
 from qlora_med.io import atomic_dir
 from qlora_med.model.load import DTYPES, QUANT_SKIP_MODULES
+from qlora_med.model.processor import CLIP_PROCESSORS, image_processor_as
 from qlora_med.prompts.chat_template import set_chat_template
 
 logger = logging.getLogger(__name__)
@@ -120,29 +121,6 @@ def quantized_linear_weights(base_dir: Path) -> set[str]:
             if isinstance(module, torch.nn.Linear) and not any(name == s or name.startswith(s + ".") for s in skip)}
 
 
-_CLIP_PROCESSORS = ("CLIPImageProcessor", "CLIPImageProcessorPil", "LlavaImageProcessor", "LlavaImageProcessorPil")
-
-
-def _image_processor_as(image_processor, family: str, **changes):
-    """The same preprocessing (resize, crop, rescale, normalise) as a ``family`` (CLIP or Llava) image processor of
-    the same backend (PIL or torchvision), with ``changes``."""
-    from transformers.image_processing_backends import TorchvisionBackend
-
-    torchvision = isinstance(image_processor, TorchvisionBackend)
-    if family == "Llava":
-        if torchvision:
-            from transformers.models.llava.image_processing_llava import LlavaImageProcessor as cls
-        else:
-            from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil as cls
-    elif torchvision:
-        from transformers.models.clip.image_processing_clip import CLIPImageProcessor as cls
-    else:
-        from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil as cls
-    fields = {k: v for k, v in image_processor.to_dict().items()
-              if k not in ("image_processor_type", "processor_class", "do_pad", "pad_size")}
-    return cls(**fields, **changes)
-
-
 def padding_processor(processor, image_aspect: str):
     """``processor`` with an image processor that pads to a square itself when the model trained with
     ``image_aspect: pad``, so that plain transformers (``AutoProcessor`` + ``apply_chat_template``) computes the
@@ -158,12 +136,12 @@ def padding_processor(processor, image_aspect: str):
     image_processor = processor.image_processor
     if image_aspect != "pad":
         return processor
-    if type(image_processor).__name__ not in _CLIP_PROCESSORS:
+    if type(image_processor).__name__ not in CLIP_PROCESSORS:
         logger.warning("image processor %s is not CLIP's: the saved processor does not pad to a square; pad non-square "
                        "images with the mean colour %s yourself", type(image_processor).__name__,
                        mean_colour(image_processor))
         return processor
-    padding = _image_processor_as(image_processor, "Llava", do_pad=True)
+    padding = image_processor_as(image_processor, "Llava", do_pad=True)
     theirs = tuple(int(m * 255) for m in padding.image_mean)
     if mean_colour(image_processor) != theirs:
         logger.warning("the saved image processor pads with %s (LLaVA's int(mean * 255)); training padded with %s: the "
@@ -176,7 +154,7 @@ def clip_processor(image_processor):
     """A padding image processor (:func:`padding_processor`) back as CLIP's, for code that pads itself (LLaVA)."""
     if not type(image_processor).__name__.startswith("LlavaImageProcessor"):
         return image_processor
-    return _image_processor_as(image_processor, "CLIP")
+    return image_processor_as(image_processor, "CLIP")
 
 
 @dataclass

@@ -34,7 +34,7 @@ import torch
 
 from qlora_med.errors import QloraMedError
 from qlora_med.io import atomic_dir
-from qlora_med.model.processor import add_llava_tokens, make_processor
+from qlora_med.model.processor import add_llava_tokens, image_processor_as, make_processor
 
 logger = logging.getLogger(__name__)
 
@@ -487,6 +487,8 @@ def convert_original(
             tokenizer, vision.image_size, vision.patch_size, image_token, image_processor
         )
         processor.vision_feature_select_strategy = spec.strategy
+        if spec.image_aspect == "pad":  # plain AutoProcessor then pads to a square as LLaVA's expand2square did
+            processor.image_processor = image_processor_as(processor.image_processor, "Llava", do_pad=True)
         processor.save_pretrained(tmp)
         if (src / "generation_config.json").is_file():
             shutil.copy(src / "generation_config.json", tmp / "generation_config.json")

@@ -41,3 +41,26 @@ def make_processor(tokenizer, image_size: int, patch_size: int, image_token: str
         num_additional_image_tokens=1,
         image_token=image_token,
     )
+
+
+CLIP_PROCESSORS = ("CLIPImageProcessor", "CLIPImageProcessorPil", "LlavaImageProcessor", "LlavaImageProcessorPil")
+
+
+def image_processor_as(image_processor, family: str, **changes):
+    """The same preprocessing (resize, crop, rescale, normalise) as a ``family`` (CLIP or Llava) image processor of
+    the same backend (PIL or torchvision), with ``changes``."""
+    from transformers.image_processing_backends import TorchvisionBackend
+
+    torchvision = isinstance(image_processor, TorchvisionBackend)
+    if family == "Llava":
+        if torchvision:
+            from transformers.models.llava.image_processing_llava import LlavaImageProcessor as cls
+        else:
+            from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil as cls
+    elif torchvision:
+        from transformers.models.clip.image_processing_clip import CLIPImageProcessor as cls
+    else:
+        from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil as cls
+    fields = {k: v for k, v in image_processor.to_dict().items()
+              if k not in ("image_processor_type", "processor_class", "do_pad", "pad_size")}
+    return cls(**fields, **changes)
