@@ -148,6 +148,7 @@ def test_question_images_must_stay_inside_the_image_folder(tmp_path):
     import json
 
     import pytest
+
     from qlora_med.errors import DataError
     from qlora_med.eval.generate import load_questions
 
