@@ -1,39 +1,38 @@
-"""``qlora-med bench``: real-token throughput and peak training memory, hand-written QLoRA loop vs the kit.
+"""``qlora-med bench``: the kit against a hand-written QLoRA loop and TRL's documented VLM recipe, on curriculum-like data.
 
-Model: a LLaVA built from config (:data:`MID`: CLIP 4 layers x 256 @ 224 px -> 256 image tokens, Mistral
-4 layers x 512, the real Mistral-v0.2 tokenizer: vocab 32,000 + image and pad tokens, padded to 32,064), LLM
-in NF4 + double quant with LoRA r16 on its 7 linear layers, projector trained in fp32, vision tower frozen,
-compute dtype from ``compute_dtype: auto`` (fp32 on CPUs without native bf16). Same model, LoRA placement,
-batches and optimizer steps for every variant; only the implementation differs.
+Model: a LLaVA built from config (:data:`MID`: CLIP 4 x 256 @ 224 px -> 256 image tokens, Mistral 4 x 512, the real
+Mistral-v0.2 tokenizer), random weights; LLM in NF4 + double quant, LoRA r16 / alpha 32 / dropout 0.05, compute
+dtype ``auto`` (bf16 on GPUs and on CPUs with native bf16, else fp32).
 
-Data: micro-batches of ``batch_size`` samples, each BOS + image tokens + text made of real Mistral token ids
-(``data/sample`` texts), lengths long-tailed: half captions (log-normal, median 90 tokens, the caption is
-labelled), half conversations (1-5 rounds: question median 20 tokens, answer median 80 and labelled), cut at
-``max_length``. The first measured batch holds one ``max_length`` sample, so the peak is taken at that length.
+Workloads (:mod:`qlora_med.bench.workloads`): ``align`` (one PMC-style caption per image) and ``instruct`` (1-5 round
+conversations, text median ~360 tokens, p90 ~830, plus the image tokens), real images, written once as LLaVA-Med
+records; each variant reads, templates, masks and collates them its own way.
 
-Variants, each in a fresh subprocess: ``baseline`` is what a user writes with transformers + peft +
-bitsandbytes: ``prepare_model_for_kbit_training`` (its default gradient checkpointing), ``get_peft_model``,
-``model(**batch).loss`` on padded batches with full logits, ``loss.backward()``, ``torch.optim.AdamW``.
-``kit`` is ``StageTrainer`` exactly as ``qlora-med run`` builds it, with the kernel defaults and
-``padding_free: true``; each ablation turns one of its features off.
+Variants (:data:`VARIANTS`), each run in its own subprocess, repeated and interleaved (round 1: A B C ..., round 2:
+A B C ..., for each mix), so slow drift and other processes on the machine hit every variant alike:
 
-Measured after ``warmup`` steps, over ``steps`` steps: tokens/s counts real (non-pad) tokens, image tokens
-included. Memory on CPU: ``VmHWM`` of the worker (high-water mark reset after warm-up) minus its RSS after
-imports and before the model loads, i.e. weights + adapters + optimizer + the step's peak; on CUDA:
-``torch.cuda.max_memory_allocated``.
+* ``baseline`` (:mod:`~qlora_med.bench.baseline`): hand-written transformers + peft + bitsandbytes loop that imports
+  nothing from the kit;
+* ``trl`` (:mod:`~qlora_med.bench.trl_reference`): ``SFTTrainer`` + ``peft_config`` as TRL's VLM docs show it (it
+  quantizes and LoRAs the vision tower and projector too, and puts loss on every token: the table says so);
+* ``kit`` (defaults as ``qlora-med run`` uses them), ``kit_padding_free``, ``kit_no_ckpt`` (:mod:`~.worker`), and
+  opt-in ablations.
+
+The matmul peak is measured before the first and after the last run (the better of the two counts). Reported per mix
+and variant: the median and min-max over rounds of real (non-pad) tokens per second of wall time
+over the measured steps, the absolute peak RSS of the worker and its training-attributable part (peak minus the
+RSS after imports), model-FLOP utilisation against this machine's measured matmul peak (:mod:`~.flops`), the
+first-step loss, and what each trains. Output: a markdown table, JSON, a plot and a CSV row per result
+(:mod:`~.report`).
 """
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import datetime
 import json
 import logging
-import math
 import os
 import platform
-import random
 import re
 import subprocess
 import sys
@@ -47,6 +46,7 @@ from qlora_med.config.schema import TinyModelConfig
 
 logger = logging.getLogger(__name__)
 
+BENCH_DIR = Path(__file__).resolve().parent
 MID = TinyModelConfig(
     image_size=224, patch_size=14, vision_hidden=256, vision_layers=4, vision_heads=4, text_hidden=512,
     text_intermediate=2048, text_layers=4, text_heads=8, text_kv_heads=4, lm_head_std=0.02,
@@ -55,186 +55,104 @@ QUICK = TinyModelConfig(
     image_size=112, patch_size=14, vision_hidden=64, vision_layers=2, vision_heads=2, text_hidden=128,
     text_intermediate=256, text_layers=2, text_heads=4, text_kv_heads=2, lm_head_std=0.02,
 )  # fmt: skip
-SAMPLE_DIR = Path(__file__).resolve().parents[2] / "data" / "sample"  # the repository's data/sample
 
 
 @dataclass(frozen=True)
 class Variant:
-    """One measured configuration: the baseline loop, or the kit with some features changed."""
+    """One measured configuration: which worker runs it and, for the kit, which switches change."""
 
     name: str
     what: str
-    kit: bool = True
-    loss: str = "auto"
-    nf4_lora: str = "auto"
-    liger: str = "auto"
-    padding_free: bool = True
+    runner: str = "kit"  # kit | baseline | trl
+    padding_free: bool = False
     gradient_checkpointing: bool = True
-    gpu_only: bool = False
+    liger: str = "auto"
+    nf4_lora: str = "auto"
+    loss: str = "auto"
+    default: bool = True
+
+    @property
+    def script(self) -> Path:
+        return BENCH_DIR / {"kit": "worker.py", "baseline": "baseline.py", "trl": "trl_reference.py"}[self.runner]
 
 
 VARIANTS = (
-    Variant("baseline", "hand-written loop: peft + bnb, full logits, padded", kit=False),
-    Variant("kit", "StageTrainer, kernels auto, padding_free"),
-    Variant("no_chunked_ce", "kit, loss=trl (TRL fused LM head)", loss="trl"),
-    Variant("full_logits", "kit, loss=full", loss="full"),
-    Variant("no_padding_free", "kit, padded batches", padding_free=False),
-    Variant("no_fused_nf4", "kit, PEFT Linear4bit forward", nf4_lora="off"),
-    Variant("no_grad_ckpt", "kit, gradient_checkpointing=false", gradient_checkpointing=False),
-    Variant("no_liger", "kit, liger=off", liger="off", gpu_only=True),
-)
+    Variant("baseline", "hand-written transformers+peft+bnb loop", runner="baseline"),
+    Variant("trl", "TRL SFTTrainer + peft_config, as documented", runner="trl"),
+    Variant("kit", "kit defaults (padding_free off, checkpointing on)"),
+    Variant("kit_padding_free", "kit, padding_free: true", padding_free=True),
+    Variant("kit_no_ckpt", "kit, gradient_checkpointing: false", gradient_checkpointing=False),
+    Variant("kit_full_logits", "kit, kernels.loss: full", loss="full", default=False),
+    Variant("kit_trl_loss", "kit, kernels.loss: trl", loss="trl", default=False),
+    Variant("kit_peft_nf4", "kit, kernels.nf4_lora: off (PEFT Linear4bit)", nf4_lora="off", default=False),
+    Variant("baseline_no_ckpt", "baseline without gradient checkpointing", runner="baseline",
+            gradient_checkpointing=False, default=False),
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
 class BenchSpec:
-    """What to train and for how long."""
+    """What to train, on what, for how long, how often."""
 
     model: TinyModelConfig = field(default_factory=lambda: dataclasses.replace(MID))
     model_name: str = "mid"
     batch_size: int = 4
-    max_length: int = 1024
-    steps: int = 5
+    max_length: int = 2048
+    steps: int = 3
     warmup: int = 1
+    rounds: int = 3
+    mixes: tuple[str, ...] = ("align", "instruct")
     seed: int = 0
+    lora: dict[str, float] = field(default_factory=lambda: {"r": 16, "alpha": 32, "dropout": 0.05})
     cache_dir: str = ".cache/qlora-med"
 
     @property
     def image_tokens(self) -> int:
         return (self.model.image_size // self.model.patch_size) ** 2
 
+    @property
+    def samples(self) -> int:
+        return self.batch_size * (self.warmup + self.steps)
+
 
 @dataclass
-class Result:
+class Run:
+    """One worker's measurements (``data`` as the worker returned it)."""
+
+    round: int
+    mix: str
     variant: str
-    what: str
-    tokens: int
-    seconds: float
-    train_mem_mib: float
-    peak_mib: float
-    loss_first: float
-    padded_tokens: int
-    extra: dict[str, Any] = field(default_factory=dict)
+    data: dict[str, Any]
+
+    @property
+    def measured(self) -> list[dict]:
+        return self.data["batches"][-self.data_steps :]
+
+    @property
+    def data_steps(self) -> int:
+        return len(self.data["step_seconds"]) or 1
+
+    @property
+    def tokens(self) -> int:
+        return sum(sum(b["lengths"]) for b in self.measured)
 
     @property
     def tokens_per_s(self) -> float:
-        return self.tokens / self.seconds
-
-    @property
-    def tokens_per_cpu_s(self) -> float:
-        """Tokens per CPU-second of this process (all threads): robust to other processes on the machine."""
-        return self.tokens / max(self.extra.get("cpu_seconds", 0.0), 1e-9)
+        return self.tokens / self.data["seconds"]
 
 
-# ----------------------------------------------------------------------------- data
-
-
-def _token_pool(tokenizer) -> list[int]:
-    texts = []
-    for path in sorted(SAMPLE_DIR.glob("*.json")):
-        for record in json.loads(path.read_text()):
-            texts += [turn["value"].replace("<image>", "") for turn in record.get("conversations", [])]
-    ids = tokenizer(" ".join(texts), add_special_tokens=False)["input_ids"] if texts else []
-    return ids if len(ids) > 1000 else list(range(1000, 30000))
-
-
-def _lognormal(rng: random.Random, median: float, sigma: float) -> int:
-    return max(4, int(rng.lognormvariate(math.log(median), sigma)))
-
-
-def sample_segments(rng: random.Random) -> list[tuple[int, bool]]:
-    """(length, labelled) text segments of one sample: a caption, or a 1-5 round conversation."""
-    if rng.random() < 0.5:
-        return [(_lognormal(rng, 90, 0.9), True)]
-    rounds = rng.choices([1, 2, 3, 4, 5], weights=[35, 25, 20, 12, 8])[0]
-    return [
-        seg
-        for _ in range(rounds)
-        for seg in ((_lognormal(rng, 20, 0.6), False), (_lognormal(rng, 80, 0.8), True))
-    ]
-
-
-def make_batches(spec: BenchSpec, tokenizer, image_token_id: int, pad_id: int) -> list[dict]:
-    """``warmup + steps`` padded batches (input_ids, attention_mask, labels, pixel_values), deterministic."""
-    import torch
-
-    from qlora_med.data.collate import pad_right
-
-    rng = random.Random(spec.seed)
-    pool = _token_pool(tokenizer)
-    gen = torch.Generator().manual_seed(spec.seed)
-    size = spec.model.image_size
-    batches = []
-    for b in range(spec.warmup + spec.steps):
-        samples = []
-        for i in range(spec.batch_size):
-            ids = [tokenizer.bos_token_id] + [image_token_id] * spec.image_tokens
-            labels = [-100] * len(ids)
-            segments = sample_segments(rng)
-            if b == spec.warmup and i == 0:  # one full-length sample in the first measured batch
-                segments.append((spec.max_length, True))
-            for length, labelled in segments:
-                start = rng.randrange(len(pool) - length) if len(pool) > length else 0
-                chunk = (pool * (1 + length // len(pool)))[start : start + length]
-                ids += chunk
-                labels += chunk if labelled else [-100] * len(chunk)
-            samples.append((ids[: spec.max_length], labels[: spec.max_length]))
-        input_ids, labels, mask = pad_right([i for i, _ in samples], [lab for _, lab in samples], pad_id)
-        batch = {
-            "input_ids": input_ids,
-            "attention_mask": mask,
-            "labels": labels,
-            "pixel_values": torch.randn(len(samples), 3, size, size, generator=gen),
-        }
-        batches.append(batch)
-    return batches
-
-
-# ----------------------------------------------------------------------------- driver
-
-
-def bench_model_dir(spec: BenchSpec) -> Path:
-    """Build the benchmark model once under ``cache_dir``."""
-    from qlora_med.model.build import build_tiny
-
-    path = Path(spec.cache_dir) / f"bench-{spec.model_name}"
-    if not (path / "config.json").is_file():
-        build_tiny(spec.model, path)
-    return path.resolve()
-
-
-def run_variant(spec: BenchSpec, variant: Variant, model_dir: Path, threads: int | None) -> Result:
-    """One variant in a fresh Python process (clean memory high-water mark)."""
-    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", PYTHONWARNINGS="ignore")
-    if threads:
-        env["OMP_NUM_THREADS"] = str(threads)
-    with tempfile.TemporaryDirectory() as tmp:
-        result = Path(tmp) / "result.json"
-        payload = {"spec": dataclasses.asdict(spec), "variant": dataclasses.asdict(variant),
-                   "model_dir": str(model_dir), "result": str(result)}  # fmt: skip
-        proc = subprocess.run([sys.executable, "-m", "qlora_med.bench.worker", json.dumps(payload)], env=env,
-                              capture_output=True, text=True, check=False)  # fmt: skip
-        if proc.returncode or not result.is_file():
-            raise RuntimeError(f"bench variant {variant.name} failed:\n{proc.stderr[-4000:]}")
-        return Result(**json.loads(result.read_text()))
-
-
-def run_bench(spec: BenchSpec, variants: list[Variant], threads: int | None = None) -> list[Result]:
-    import torch
-
-    model_dir = bench_model_dir(spec)
-    results = []
-    for variant in variants:
-        if variant.gpu_only and not torch.cuda.is_available():
-            logger.info(
-                "skipping %s: %s is a no-op without CUDA (auto resolves to off)", variant.name, variant.what
-            )
-            continue
-        start = time.time()
-        results.append(run_variant(spec, variant, model_dir, threads))
-        r = results[-1]
-        logger.info("%s: %.0f tokens/s, %.0f MiB (%.0f s)", r.variant, r.tokens_per_s, r.train_mem_mib,
-                    time.time() - start)  # fmt: skip
-    return results
+@dataclass
+class BenchResult:
+    spec: BenchSpec
+    variants: list[Variant]
+    runs: list[Run]
+    peaks: dict[str, dict]
+    compute_dtype: str
+    workload: dict[str, Any]
+    hardware: str
+    versions: dict[str, str]
+    model_dir: str
+    wall_s: float = 0.0
 
 
 def hardware() -> str:
@@ -259,56 +177,125 @@ def versions() -> dict[str, str]:
     return {m.__name__: m.__version__ for m in (torch, transformers, peft, bitsandbytes, trl)}
 
 
-def table(results: list[Result]) -> list[dict[str, str]]:
-    """Rows for printing / CSV, ratios against ``baseline`` (and ``kit`` for the ablations)."""
-    by = {r.variant: r for r in results}
-    base, kit = by.get("baseline"), by.get("kit")
+def bench_model_dir(spec: BenchSpec) -> Path:
+    """Build the benchmark model once under ``cache_dir``."""
+    from qlora_med.model.build import build_tiny
 
-    def ratio(a: float, ref: Result | None, attr: str) -> str:
-        return f"{a / getattr(ref, attr):.2f}" if ref is not None else ""
-
-    rows = []
-    for r in results:
-        ablation = kit if r.variant not in ("baseline", "kit") else None
-        threads = r.extra.get("threads", 1)
-        rows.append({
-            "variant": r.variant, "what": r.what, "tok/s": f"{r.tokens_per_s:.0f}",
-            "x base": ratio(r.tokens_per_s, base, "tokens_per_s"),
-            "tok/CPU-s": f"{r.tokens_per_cpu_s:.0f}", "x base CPU": ratio(r.tokens_per_cpu_s, base, "tokens_per_cpu_s"),
-            "train MiB": f"{r.train_mem_mib:.0f}", "x base mem": ratio(r.train_mem_mib, base, "train_mem_mib"),
-            "vs kit CPU": ratio(r.tokens_per_cpu_s, ablation, "tokens_per_cpu_s"),
-            "vs kit mem": ratio(r.train_mem_mib, ablation, "train_mem_mib"),
-            "peak MiB": f"{r.peak_mib:.0f}", "s/step": f"{r.seconds / r.extra.get('steps', 1):.1f}",
-            "CPU use": f"{r.extra.get('cpu_seconds', 0.0) / (r.seconds * threads):.0%}",
-            "load": f"{r.extra.get('load', float('nan')):.1f}", "loss@1": f"{r.loss_first:.4f}",
-        })  # fmt: skip
-    return rows
+    path = Path(spec.cache_dir) / f"bench-{spec.model_name}"
+    if not (path / "config.json").is_file():
+        build_tiny(spec.model, path)
+    return path.resolve()
 
 
-def format_table(rows: list[dict[str, str]]) -> str:
-    if not rows:
-        return "(no results)"
-    cols = list(rows[0])
-    widths = {c: max(len(c), *(len(r[c]) for r in rows)) for c in cols}
-    lines = ["  ".join(c.ljust(widths[c]) for c in cols), "  ".join("-" * widths[c] for c in cols)]
-    lines += ["  ".join(r[c].ljust(widths[c]) for c in cols) for r in rows]
-    return "\n".join(lines)
+def worker_env(threads: int | None) -> dict[str, str]:
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", PYTHONWARNINGS="ignore", HF_DATASETS_DISABLE_PROGRESS_BARS="1",
+               TRANSFORMERS_VERBOSITY="error", HF_HUB_OFFLINE="1")  # fmt: skip
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    return env
 
 
-def append_csv(path: Path, spec: BenchSpec, results: list[Result], rows: list[dict[str, str]]) -> None:
-    """Append one row per variant with date, hardware, threads and versions."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    new = not path.exists()
-    meta = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "hardware": hardware(),
-            **versions(), "model": spec.model_name, "batch": spec.batch_size, "max_length": spec.max_length,
-            "steps": spec.steps}  # fmt: skip
-    with path.open("a", newline="") as f:
-        writer = None
-        for result, row in zip(results, rows, strict=True):
-            record = {**meta, "threads": result.extra.get("threads"), **row, "tokens": result.tokens,
-                      "padded_tokens": result.padded_tokens, "seconds": f"{result.seconds:.2f}"}  # fmt: skip
-            if writer is None:
-                writer = csv.DictWriter(f, fieldnames=list(record))
-                if new:
-                    writer.writeheader()
-            writer.writerow(record)
+def run_worker(script: Path, payload: dict, threads: int | None, cwd: Path) -> dict:
+    """Run one worker script in a fresh process (its own memory high-water mark), from ``cwd`` (not the repository:
+    its ``kernels/`` folder would shadow the ``kernels`` package bitsandbytes looks for)."""
+    result = cwd / f"result-{os.getpid()}-{time.monotonic_ns()}.json"
+    path = result.with_suffix(".payload.json")
+    path.write_text(json.dumps({**payload, "result": str(result)}))
+    proc = subprocess.run([sys.executable, str(script), str(path)], env=worker_env(threads), cwd=cwd,
+                          capture_output=True, text=True, check=False)  # fmt: skip
+    if proc.returncode or not result.is_file():
+        raise RuntimeError(f"bench worker {script.name} failed ({payload.get('mix')}):\n{proc.stderr[-4000:]}")
+    data = json.loads(result.read_text())
+    if data.get("kit_modules"):
+        raise RuntimeError(f"{script.name} loaded kit modules {data['kit_modules']}: it must share no code with the kit")
+    return data
+
+
+def run_in_process(script: Path, payload: dict, threads: int | None, cwd: Path) -> dict:
+    """A worker's ``run(payload)`` in this process (tests and ``--tiny`` checks: logic only, the memory high-water
+    mark and imports are this process's). The baseline and TRL scripts import ``meter`` as a top-level module."""
+    import importlib.util
+
+    if str(BENCH_DIR) not in sys.path:
+        sys.path.insert(0, str(BENCH_DIR))
+    spec = importlib.util.spec_from_file_location(f"_bench_{script.stem}", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.run({**payload, "result": str(cwd / "unused.json")})
+
+
+def matmul_peaks(dtypes: list[str], threads: int | None, cwd: Path, seconds: float = 1.5,
+                 size: int | None = None) -> dict[str, dict]:
+    """This machine's dense matmul peak per dtype, measured in a worker-like subprocess (same threads)."""
+    extra = ["--seconds", str(seconds)] + (["--size", str(size)] if size else [])
+    proc = subprocess.run([sys.executable, str(BENCH_DIR / "meter.py"), "--peak", *dict.fromkeys(dtypes), *extra],
+                          env=worker_env(threads), cwd=cwd, capture_output=True, text=True, check=True)  # fmt: skip
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    return {r["dtype"]: r for r in rows}
+
+
+def payload_for(spec: BenchSpec, variant: Variant, mix: str, model_dir: Path, paths: dict, dtype: str) -> dict:
+    return {
+        "model_dir": str(model_dir), "records": str(paths[mix]), "images": str(paths["images"]), "mix": mix,
+        "batch_size": spec.batch_size, "steps": spec.steps, "warmup": spec.warmup, "max_length": spec.max_length,
+        "dtype": dtype, "seed": spec.seed, "gradient_checkpointing": variant.gradient_checkpointing,
+        "lora": spec.lora, "variant": dataclasses.asdict(variant),
+    }  # fmt: skip
+
+
+def schedule(spec: BenchSpec, variants: list[Variant]) -> list[tuple[int, str, Variant]]:
+    """The interleaved order: every round runs every mix's variants once, in the same order."""
+    return [(r, mix, v) for r in range(1, spec.rounds + 1) for mix in spec.mixes for v in variants]
+
+
+def describe_workload(spec: BenchSpec, paths: dict, processor) -> dict:
+    from qlora_med.bench.worker import TEMPLATES as templates
+    from qlora_med.bench.workloads import CAPTION, CONVERSATION, image_sizes, length_stats
+
+    stats = {mix: length_stats(json.loads(paths[mix].read_text()), processor, templates[mix], spec.image_tokens,
+                               spec.max_length) for mix in spec.mixes}  # fmt: skip
+    model = {"align": CAPTION, "instruct": CONVERSATION}
+    for mix in spec.mixes:
+        m = model[mix]
+        stats[mix]["generator"] = {"median": m.median, "sigma": m.sigma, "p90": round(m.percentile(0.9)),
+                                   "clip": [m.low, m.high]}  # fmt: skip
+    stats["images"] = [{"name": n, "width": w, "height": h} for n, w, h in image_sizes(paths["images"])]
+    return stats
+
+
+def run_bench(spec: BenchSpec, variants: list[Variant], threads: int | None = None, runner=run_worker) -> BenchResult:
+    """Build model and workload, measure the matmul peak, then every (round, mix, variant) in interleaved order."""
+    from transformers import AutoProcessor
+
+    from qlora_med.bench.workloads import write_workload
+    from qlora_med.model.load import resolve_compute_dtype
+
+    start = time.time()
+    model_dir = bench_model_dir(spec)
+    processor = AutoProcessor.from_pretrained(model_dir)
+    dtype = str(resolve_compute_dtype("auto")).removeprefix("torch.")
+    runs = []
+    with tempfile.TemporaryDirectory(prefix="qlora-med-bench-") as tmp:
+        work = Path(tmp)
+        paths = write_workload(work / "workload", processor.tokenizer, spec.samples, spec.seed)
+        workload = describe_workload(spec, paths, processor)
+        def measure_peaks() -> dict[str, dict]:
+            if runner is run_worker:
+                return matmul_peaks(["float32", dtype], threads, work)
+            from qlora_med.bench.meter import matmul_peak  # in-process (tests): small and short
+
+            return {d: matmul_peak(d, size=256, seconds=0.05) for d in dict.fromkeys(["float32", dtype])}
+
+        peaks = measure_peaks()
+        order = schedule(spec, variants)
+        for i, (rnd, mix, variant) in enumerate(order, start=1):
+            t = time.time()
+            data = runner(variant.script, payload_for(spec, variant, mix, model_dir, paths, dtype), threads, work)
+            runs.append(Run(rnd, mix, variant.name, data))
+            logger.info("[%d/%d] round %d %s %s: %.0f tokens/s, peak RSS %.0f MiB (%.0f s)", i, len(order), rnd, mix,
+                        variant.name, runs[-1].tokens_per_s, data["peak_rss_mib"], time.time() - t)  # fmt: skip
+        for name, again in measure_peaks().items():  # measured at the start and the end: the best of both counts
+            again["flops_start"] = peaks[name]["flops"]
+            peaks[name] = again if again["flops"] >= peaks[name]["flops"] else {**peaks[name], "flops_end": again["flops"]}
+    return BenchResult(spec, list(variants), runs, peaks, dtype, workload, hardware(), versions(), str(model_dir),
+                       time.time() - start)

@@ -1,4 +1,5 @@
-"""``qlora-med bench``: tokens/s and peak training memory, hand-written QLoRA loop vs the kit, plus ablations."""
+"""``qlora-med bench``: tokens/s, peak memory and MFU of the kit vs a hand-written QLoRA loop and TRL, on curriculum-like
+data, each variant in its own process, repeated and interleaved; ``--profile``: where a kit step's time goes."""
 
 from __future__ import annotations
 
@@ -7,88 +8,82 @@ import time
 from pathlib import Path
 
 NAME = "bench"
-HELP = "measure real-token throughput and peak memory: a plain transformers+peft QLoRA loop vs the kit"
+HELP = "measure tokens/s, peak memory and MFU: the kit vs a hand-written QLoRA loop and TRL (or --profile a kit step)"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--steps", type=int, default=None, help="measured optimizer steps per variant (default 5)"
-    )
-    parser.add_argument("--warmup", type=int, default=1, help="unmeasured steps first (default 1)")
-    parser.add_argument("--batch-size", type=int, default=4, help="samples per micro-batch (default 4)")
-    parser.add_argument(
-        "--max-length", type=int, default=None, help="longest sample in tokens (default 1024)"
-    )
-    parser.add_argument(
-        "--quick",
-        action="store_true",
-        help="1-minute smoke: small model, max length 512, batch 2, 1 step, baseline and kit only",
-    )
-    parser.add_argument("--variants", nargs="+", default=None, help="subset of variants (default: all)")
-    parser.add_argument(
-        "--threads", type=int, default=None, help="torch threads per worker (default: all cores)"
-    )
-    parser.add_argument(
-        "--csv",
-        type=Path,
-        default=Path("benchmarks/results/bench.csv"),
-        help="append the results here (default benchmarks/results/bench.csv)",
-    )
-    parser.add_argument("--no-csv", action="store_true", help="print only")
+    parser.add_argument("--rounds", type=int, default=None, help="interleaved repetitions of every variant (default 3)")
+    parser.add_argument("--steps", type=int, default=None, help="measured optimizer steps per run (default 3)")
+    parser.add_argument("--warmup", type=int, default=1, help="unmeasured steps first (default 1, at least 1)")
+    parser.add_argument("--batch-size", type=int, default=None, help="samples per micro-batch (default 4)")
+    parser.add_argument("--max-length", type=int, default=2048, help="token limit incl. image tokens (default 2048)")
+    parser.add_argument("--mix", nargs="+", choices=("align", "instruct"), default=None,
+                        help="workloads (default: both)")  # fmt: skip
+    parser.add_argument("--variants", nargs="+", default=None,
+                        help="variants to run, or 'all' (default: baseline trl kit kit_padding_free kit_no_ckpt)")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: small model, batch 2, 1 step, 2 rounds, instruct mix only")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads per worker (default: all cores)")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"),
+                        help="where bench.md, bench.json and bench.png go (default benchmarks/results)")
+    parser.add_argument("--csv", type=Path, default=None,
+                        help="append one row per result here (default OUT/bench_history.csv)")
+    parser.add_argument("--no-csv", action="store_true", help="write no CSV row")
+    parser.add_argument("--profile", action="store_true",
+                        help="instead: torch.profiler over a few CPU training steps of the kit (the first kit variant "
+                             "of --variants); top ops and the share of time in NF4 dequant, LoRA, loss and optimizer; "
+                             "writes OUT/profile.txt and profile.json")  # fmt: skip
+    parser.add_argument("--profile-steps", type=int, default=3, help="profiled steps after one warm-up (default 3)")
 
 
 def main(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from qlora_med.bench.suite import (
-        QUICK,
-        VARIANTS,
-        BenchSpec,
-        append_csv,
-        format_table,
-        hardware,
-        run_bench,
-        table,
-    )
+    from qlora_med.bench.suite import QUICK, VARIANTS, BenchSpec
     from qlora_med.errors import ConfigError
 
-    spec = BenchSpec(batch_size=args.batch_size, warmup=args.warmup)
-    names = args.variants
+    spec = BenchSpec(warmup=args.warmup, max_length=args.max_length)
     if args.quick:
-        spec = dataclasses.replace(
-            spec, model=QUICK, model_name="quick", max_length=512, batch_size=2, steps=1
-        )
-        names = names or ["baseline", "kit"]
+        spec = dataclasses.replace(spec, model=QUICK, model_name="quick", batch_size=2, steps=1, rounds=2,
+                                   mixes=("instruct",))  # fmt: skip
     spec = dataclasses.replace(
         spec,
-        steps=spec.steps if args.steps is None else args.steps,
-        max_length=spec.max_length if args.max_length is None else args.max_length,
-    )
-    if spec.steps <= 0 or spec.warmup < 0 or spec.batch_size <= 0 or spec.max_length <= spec.image_tokens + 8:
-        raise ConfigError(
-            "bench: --steps and --batch-size must be positive, --max-length above the image tokens"
-        )
+        rounds=args.rounds or spec.rounds, steps=args.steps if args.steps is not None else spec.steps,
+        batch_size=args.batch_size or spec.batch_size, mixes=tuple(args.mix or spec.mixes),
+    )  # fmt: skip
+    if min(spec.rounds, spec.steps, spec.warmup, spec.batch_size) <= 0 or spec.max_length <= spec.image_tokens + 8:
+        raise ConfigError("bench: --rounds, --steps, --warmup and --batch-size must be positive (warm-up at least 1: "
+                          "the first step is never timed), --max-length above the image tokens")  # fmt: skip
     known = {v.name: v for v in VARIANTS}
-    unknown = sorted(set(names or []) - set(known))
+    names = args.variants or [v.name for v in VARIANTS if v.default]
+    if names == ["all"]:
+        names = list(known)
+    unknown = sorted(set(names) - set(known))
     if unknown:
-        raise ConfigError(f"bench: unknown variants {unknown}; choose from {sorted(known)}")
-    variants = [known[n] for n in names] if names else list(VARIANTS)
+        raise ConfigError(f"bench: unknown variants {unknown}; choose from {sorted(known)} or 'all'")
+    if args.profile:
+        import json
+
+        from qlora_med.bench.profiling import format_profile, profile_kit
+
+        variant = next((n for n in names if n.startswith("kit")), "kit")
+        profile = profile_kit(spec, steps=args.profile_steps, threads=args.threads, variant=variant)
+        text = format_profile(profile)
+        print(text)
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "profile.txt").write_text(text + "\n")
+        (args.out / "profile.json").write_text(json.dumps(profile, indent=1))
+        print(f"\nwrote {args.out / 'profile.txt'} and {args.out / 'profile.json'}")
+        return 0
+
+    from qlora_med.bench.report import render, summarise, write_outputs
+    from qlora_med.bench.suite import run_bench
+
     start = time.time()
-    results = run_bench(spec, variants, args.threads)
-    rows = table(results)
-    print(f"qlora-med bench: {spec.model_name} LLaVA, batch {spec.batch_size}, samples up to {spec.max_length} "
-          f"tokens ({spec.image_tokens} image tokens), {spec.steps} measured steps after {spec.warmup} warm-up; "
-          f"{hardware()}\n")  # fmt: skip
-    print(format_table(rows))
-    print(
-        f"\n{time.time() - start:.0f} s in all. tok/s: real (non-pad) tokens, image tokens included, per second of "
-        "wall time over the measured steps; tok/CPU-s: the same per CPU-second of the worker (all threads), which "
-        "other processes on the machine barely change. CPU use: CPU-seconds / (wall x threads); well below 100% "
-        "(and load above the core count) means other processes competed and wall-time figures are inflated. "
-        "train MiB: peak RSS during the measured steps minus RSS after imports (CPU) / max_memory_allocated "
-        "(CUDA). x base: vs the hand-written loop; vs kit: this ablation vs the kit."
-    )
-    if not args.no_csv:
-        append_csv(args.csv, spec, results, rows)
-        print(f"appended {len(rows)} rows to {args.csv}")
+    result = run_bench(spec, [known[n] for n in names], args.threads)
+    summaries = summarise(result)
+    print(render(result, summaries))
+    csv_path = None if args.no_csv else (args.csv or args.out / "bench_history.csv")
+    written = write_outputs(result, summaries, args.out, csv_path)
+    print(f"\n{time.time() - start:.0f} s in all; wrote {', '.join(str(p) for p in written)}")
     return 0

@@ -249,7 +249,10 @@ class StageConfig:
     weight_decay: float = _f(0.0, "AdamW weight decay")
     optim: str = _f("adamw_torch", "transformers optimizer name, e.g. adamw_torch, paged_adamw_8bit")
     max_grad_norm: float = _f(1.0, "gradient clipping norm")
-    gradient_checkpointing: bool = _f(True, "recompute activations in backward to save memory")
+    gradient_checkpointing: bool | Literal["auto"] = _f(
+        True, "recompute activations in backward to save memory; auto: off when the memory planner's step fits the "
+        "device without it, else on (decided at start-up, logged, recorded in stage.json)"
+    )
     save_steps: int = _f(500, "checkpoint every N optimizer steps")
     save_total_limit: int = _f(2, "complete checkpoints kept per stage")
     logging_steps: int = _f(10, "log loss every N steps")

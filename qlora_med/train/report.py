@@ -34,7 +34,8 @@ def trained_lora(model: torch.nn.Module) -> dict[str, Any] | None:
 
 def stage_record(recipe: RecipeConfig, stage: StageConfig, *, trainer: StageTrainer, model: torch.nn.Module,
                  base_dir: Path, previous: Path | None, compute_dtype: torch.dtype, plan: BatchPlan, samples: int,
-                 stats: BuildStats, kernels: KernelSetup, wall_time_s: float) -> dict[str, Any]:
+                 stats: BuildStats, kernels: KernelSetup, wall_time_s: float,
+                 checkpointing: dict[str, Any] | None = None) -> dict[str, Any]:
     """The ``stage.json`` of a trained stage, from the trainer's state, the batch plan used and the model."""
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     return {
@@ -49,6 +50,8 @@ def stage_record(recipe: RecipeConfig, stage: StageConfig, *, trainer: StageTrai
         "world_size": trainer.accelerator.num_processes,
         "global_batch": plan.micro_batch * plan.accumulation * trainer.accelerator.num_processes, "wall_time_s": round(wall_time_s, 1),
         "hardware": _hardware(), "versions": _versions(), "kernels": kernels.summary(),
+        "gradient_checkpointing": checkpointing or {"enabled": bool(stage.gradient_checkpointing),
+                                                    "setting": stage.gradient_checkpointing},
     }
 
 

@@ -28,6 +28,7 @@ from qlora_med.patches.select import apply_kernels
 from qlora_med.prompts.templates import tokenizer_mode
 from qlora_med.prompts.tokenization import save_training_tokenizer
 from qlora_med.train.autobatch import resolve_batch
+from qlora_med.train.checkpointing import resolve_checkpointing, with_checkpointing
 from qlora_med.train.distributed import check_launch, is_main_process, launched_ranks, main_process_first
 from qlora_med.train.lock import run_lock
 from qlora_med.train.oom import BatchPlan, train_with_oom_fallback
@@ -59,6 +60,9 @@ def train_stage(recipe: RecipeConfig, stage: StageConfig) -> dict:
     with main_process_first():  # rank 0 builds tiny/composed models once; the others reuse them
         base_dir = base_model_dir(recipe.model)
     model, processor = load_model(recipe.model, base_dir, compute_dtype)
+    plan = BatchPlan(*resolve_batch(recipe, stage, launched_ranks()[1]))
+    checkpointing = resolve_checkpointing(recipe, stage, launched_ranks()[1], plan.micro_batch, plan.accumulation)
+    stage = with_checkpointing(stage, checkpointing)  # a bool from here on: model, trainer and stage.json
     model = setup_trainable(model, stage.train, recipe.lora, previous, stage.gradient_checkpointing)
     kernels = apply_kernels(model, recipe.kernels, stage.padding_free)  # logs which path runs
 
@@ -87,7 +91,6 @@ def train_stage(recipe: RecipeConfig, stage: StageConfig) -> dict:
             callbacks=[stop],
         )
 
-    plan = BatchPlan(*resolve_batch(recipe, stage, launched_ranks()[1]))
     trainer, plan = train_with_oom_fallback(make_trainer, plan, out)
     if stop.received is not None:
         step = trainer.state.global_step
@@ -96,7 +99,7 @@ def train_stage(recipe: RecipeConfig, stage: StageConfig) -> dict:
 
     info = stage_record(recipe, stage, trainer=trainer, model=model, base_dir=base_dir, previous=previous,
                         compute_dtype=compute_dtype, plan=plan, samples=len(dataset), stats=stats, kernels=kernels,
-                        wall_time_s=time.time() - start)
+                        wall_time_s=time.time() - start, checkpointing=checkpointing.summary())
     if trainer.accelerator.is_main_process:
         with atomic_dir(final) as tmp:
             save_trainable(trainer.accelerator.unwrap_model(trainer.model), tmp)
