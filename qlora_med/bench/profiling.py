@@ -69,7 +69,6 @@ def labelled_ranges():
 def profile_kit(spec, steps: int = 3, threads: int | None = None, variant: str = "kit") -> dict:
     """Profile ``steps`` CPU training steps of a kit variant; returns top ops, shares and the step time."""
     import dataclasses
-    import json
 
     import torch
     from torch.profiler import ProfilerActivity, profile
@@ -121,7 +120,6 @@ def profile_kit(spec, steps: int = 3, threads: int | None = None, variant: str =
         "threads": torch.get_num_threads(), "shares": shares, "profiled_self_s": total_self,
         "top_ops": [{"op": e.key, "self_s": e.self_cpu_time_total / 1e6, "share": e.self_cpu_time_total / 1e6 / wall,
                      "calls": e.count} for e in top],
-        "workload": json.loads(json.dumps(paths, default=str)),
     }  # fmt: skip
 
 
