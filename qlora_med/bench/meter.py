@@ -129,3 +129,13 @@ if __name__ == "__main__":  # python meter.py --peak float32 [bfloat16 ...] [--s
     args = parser.parse_args()
     for name in args.peak:
         print(json.dumps(matmul_peak(name, args.size, args.seconds)), flush=True)
+
+
+def training_summary(trainer) -> dict:
+    """What an HF-Trainer-based worker trained: logged losses, trainable tensor sizes, bitsandbytes modules."""
+    model = trainer.model
+    return {
+        "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h],
+        "trainable": {n: p.numel() for n, p in model.named_parameters() if p.requires_grad},
+        "quantized": [n for n, m in model.named_modules() if type(m).__module__.startswith("bitsandbytes")],
+    }

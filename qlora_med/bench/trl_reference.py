@@ -30,7 +30,7 @@ import tempfile
 from pathlib import Path
 
 import torch
-from meter import StepMeter  # the bench's measuring stick: stdlib + torch only
+from meter import StepMeter, training_summary  # the bench's measuring stick: stdlib + torch only
 
 CHAT_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}"
@@ -107,12 +107,8 @@ def run(payload: dict) -> dict:
         recorder = Recorder(trainer.data_collator)
         trainer.data_collator = recorder
         trainer.train()
-    model = trainer.model
-    trained = {n: p.numel() for n, p in model.named_parameters() if p.requires_grad}
-    quantized = [n for n, m in model.named_modules() if type(m).__module__.startswith("bitsandbytes")]
     return {
-        **meter.result(), "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h],
-        "batches": recorder.batches, "trainable": trained, "quantized": quantized,
+        **meter.result(), **training_summary(trainer), "batches": recorder.batches,
         "checkpointing": bool(args.gradient_checkpointing), "loss_on": "every non-pad token",
         "kit_modules": sorted(m for m in sys.modules if m == "qlora_med" or m.startswith("qlora_med.")),
     }  # fmt: skip

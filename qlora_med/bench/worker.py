@@ -16,7 +16,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-from qlora_med.bench.meter import StepMeter  # the measuring stick, shared with the baseline and TRL workers
+from qlora_med.bench.meter import (  # the measuring stick, shared with the baseline and TRL workers
+    StepMeter,
+    training_summary,
+)
 
 TEMPLATES = {"align": "plain", "instruct": "mistral_instruct"}  # the formats the baseline writes by hand
 
@@ -108,12 +111,8 @@ def run(payload: dict) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         trainer, recorder, setup, stage = build_trainer(payload, [Timer()], Path(tmp))
         trainer.train()
-    model = trainer.model
-    trained = {n: p.numel() for n, p in model.named_parameters() if p.requires_grad}
-    quantized = [n for n, m in model.named_modules() if type(m).__module__.startswith("bitsandbytes")]
     return {
-        **meter.result(), "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h],
-        "batches": recorder.batches, "trainable": trained, "quantized": quantized,
+        **meter.result(), **training_summary(trainer), "batches": recorder.batches,
         "checkpointing": stage.gradient_checkpointing, "loss_on": "answer tokens", "kernels": setup.summary(),
         "torch_version": torch.__version__,
     }  # fmt: skip
