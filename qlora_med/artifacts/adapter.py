@@ -13,23 +13,23 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from qlora_med.artifacts.run_dir import ADAPTER_FILE, PROJECTOR_FILE
-from qlora_med.model.load import projector_module
+from qlora_med.model.family import connector_state, load_connector_state
 
 
 def save_trainable(model: torch.nn.Module, out: Path) -> None:
-    """Write the LoRA adapter (PEFT format, if any) and the projector weights to ``out``."""
+    """Write the LoRA adapter (PEFT format, if any) and the projector (the family's connector) weights to ``out``,
+    keyed by full module path (``model.multi_modal_projector.linear_1.weight``)."""
     from peft import PeftModel
 
     out.mkdir(parents=True, exist_ok=True)
     if isinstance(model, PeftModel):
         model.save_pretrained(out)
-    state = {k: v.detach().contiguous().cpu() for k, v in projector_module(model).state_dict().items()}
-    save_file(state, out / PROJECTOR_FILE, metadata={"format": "pt"})
+    save_file(connector_state(model), out / PROJECTOR_FILE, metadata={"format": "pt"})
 
 
 def load_projector(model: torch.nn.Module, src: Path) -> None:
     """Load projector weights saved by :func:`save_trainable` (dtype of the live module kept)."""
-    projector_module(model).load_state_dict(load_file(src / PROJECTOR_FILE), strict=True)
+    load_connector_state(model, load_file(src / PROJECTOR_FILE))
 
 
 def load_trainable(model: torch.nn.Module, src: Path) -> None:

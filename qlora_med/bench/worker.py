@@ -56,7 +56,8 @@ def build_trainer(payload: dict, callbacks: list, workdir: Path):
     from qlora_med.data.build import build_stage_dataset
     from qlora_med.data.collate import VisionCollator
     from qlora_med.data.packing import PaddingFreeCollator
-    from qlora_med.model.load import load_model, num_image_tokens, resolve_compute_dtype
+    from qlora_med.model.family import image_spec
+    from qlora_med.model.load import load_model, resolve_compute_dtype
     from qlora_med.patches.select import apply_kernels
     from qlora_med.train.trainable import setup_trainable
     from qlora_med.train.trainer import StageTrainer, sft_config
@@ -79,9 +80,10 @@ def build_trainer(payload: dict, callbacks: list, workdir: Path):
     model, processor = load_model(model_cfg, Path(payload["model_dir"]), dtype)
     model = setup_trainable(model, stage.train, lora, None, stage.gradient_checkpointing)
     setup = apply_kernels(model, kernels, stage.padding_free)
-    dataset, _ = build_stage_dataset(stage, processor, num_image_tokens(model.config), model_cfg.image_token,
+    images = image_spec(model.config, processor, model_cfg.image_size, model_cfg.image_token)
+    dataset, _ = build_stage_dataset(stage, processor, images.tokens, model_cfg.image_token,
                                      payload["seed"], workdir / "data")  # fmt: skip
-    collator = VisionCollator(processor, model_cfg.image_aspect)
+    collator = VisionCollator(processor, model_cfg.image_aspect, images=images)
     recorder = Recorder(PaddingFreeCollator(collator) if stage.padding_free else collator)
     args = sft_config(stage, workdir / "out", payload["seed"], dtype, "none")
     args.train_sampling_strategy = "sequential"

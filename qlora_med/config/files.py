@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from qlora_med.config.families import BY_MODEL_TYPE, FAMILIES, Family, check_image_side, check_template
 from qlora_med.config.model_kind import ModelKind, Role, read_kind
 from qlora_med.config.model_ref import ModelRef, parse_model_ref
 from qlora_med.config.problems import raise_problems
@@ -31,13 +32,41 @@ class ModelSource:
     key: str  # model.name_or_path, model.vision_tower or model.llm
     ref: ModelRef
     kind: ModelKind | None  # None: a Hub model whose config.json was not fetched
-    tiny: bool = False  # built from model.tiny into ref.path
+    tiny: str | None = None  # the family built from model.tiny into ref.path
+
+    @property
+    def family(self) -> Family | None:
+        """The VLM family (None: a compose-mode part, or a Hub model whose config.json was not read)."""
+        if self.tiny is not None:
+            return FAMILIES[self.tiny]
+        if self.kind is None or self.kind.layout not in ("hf_llava", "original_llava"):
+            return None
+        return FAMILIES["llava"] if self.kind.needs_conversion else BY_MODEL_TYPE[self.kind.model_type]
 
     def __str__(self) -> str:
         where = f"Hub model {self.ref}" if self.ref.repo_id is not None else f"folder '{self.ref}'"
-        if self.tiny:
-            return f"{self.key}: {where}: tiny LLaVA built from model.tiny (llava, LlavaForConditionalGeneration)"
-        return f"{self.key}: {where}: {self.kind or 'kind read from its config.json before the weights download'}"
+        if self.tiny is not None:
+            family = FAMILIES[self.tiny]
+            return f"{self.key}: {where}: tiny model built from model.tiny (family {family.name}, {family.hf_class})"
+        family = f"; family {self.family.name}" if self.family is not None else ""
+        return (f"{self.key}: {where}: "
+                f"{self.kind or 'kind read from its config.json before the weights download'}{family}")
+
+
+def recipe_family(recipe: RecipeConfig, sources: list[ModelSource]) -> Family | None:
+    """The family the recipe trains: compose mode builds a LLaVA; None while a Hub config.json is unread."""
+    if recipe.model.vision_tower is not None:
+        return FAMILIES["llava"]
+    return next((s.family for s in sources if s.key == "model.name_or_path"), None)
+
+
+def family_problems(recipe: RecipeConfig, family: Family | None) -> list[str]:
+    """Stage templates and ``model.image_size`` that do not suit the family."""
+    if family is None:
+        return []
+    problems = [check_template(family, stage.template, f"stages.{stage.name}") for stage in recipe.stages]
+    problems.append(check_image_side(family, recipe.model.image_size))
+    return [p for p in problems if p]
 
 
 def validate_paths(recipe: RecipeConfig, hub_config: HubConfig | None = None) -> list[ModelSource]:
@@ -47,6 +76,7 @@ def validate_paths(recipe: RecipeConfig, hub_config: HubConfig | None = None) ->
     config.json is checked too when ``hub_config`` fetches it. Raises one ConfigError listing every problem.
     """
     sources, problems = model_sources(recipe.model, hub_config)
+    problems += family_problems(recipe, recipe_family(recipe, sources))
     for stage in recipe.stages:
         for data_where, source in zip(data_addresses(stage), stage.data, strict=True):
             problems += data_source_problems(source, data_where)
@@ -75,7 +105,7 @@ def model_sources(
         if value is None:
             continue
         if name == "name_or_path" and model.tiny is not None:
-            sources.append(ModelSource(key, ModelRef(path=Path(value)), None, tiny=True))
+            sources.append(ModelSource(key, ModelRef(path=Path(value)), None, tiny=model.tiny.family))
             continue
         try:
             ref = parse_model_ref(value, key=key, revision=model.revision if name == "name_or_path" else None)

@@ -4,8 +4,8 @@ Pure: :func:`kind_of` reads a config dict, :func:`read_kind` a ``config.json`` f
 both return a :class:`ModelKind` or raise one ConfigError line naming the folder, the ``model_type`` found and
 the supported ones. What a recipe key may hold (its ``role``):
 
-- ``llava`` (``model.name_or_path``): ``model_type: llava`` (``LlavaForConditionalGeneration``), or LLaVA's
-  original layout ``llava_mistral`` / ``llava_llama`` (e.g. microsoft/llava-med-v1.5-mistral-7b), which is
+- ``llava`` (``model.name_or_path``): a supported VLM family in the HF layout (:mod:`qlora_med.config.families`:
+  ``llava``, ``llava_next``, ``qwen2_5_vl`` / ``qwen2_vl``, ``gemma3``), or LLaVA's original layout ``llava_mistral`` / ``llava_llama`` (e.g. microsoft/llava-med-v1.5-mistral-7b), which is
   recognised but needs converting to the HF layout before it loads;
 - ``vision_tower`` (compose mode): a CLIP vision model (``clip`` or ``clip_vision_model``);
 - ``llm`` (compose mode): any model with a ``config.json`` (``AutoModelForCausalLM`` decides at load time).
@@ -18,20 +18,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from qlora_med.config.families import ADD_A_FAMILY, BY_MODEL_TYPE, supported
 from qlora_med.errors import ConfigError
 
 Role = Literal["llava", "vision_tower", "llm"]
 Layout = Literal["hf_llava", "original_llava", "clip_vision", "causal_lm"]
 
-HF_LLAVA = {"llava": "HF LLaVA, LlavaForConditionalGeneration"}
+HF_LLAVA = {t: f"{f.title}, {f.hf_class}" for t, f in BY_MODEL_TYPE.items()}
 ORIGINAL_LLAVA = {
     "llava_mistral": "original LLaVA layout with a Mistral LLM, converted to HF LLaVA once",
     "llava_llama": "original LLaVA layout with a Llama LLM, converted to HF LLaVA once",
 }
 CLIP_VISION = {"clip": "CLIP, its vision tower", "clip_vision_model": "CLIP vision model"}
 SUPPORTED = {
-    "llava": "llava (LlavaForConditionalGeneration), or the original LLaVA layout llava_mistral / llava_llama "
-    "(e.g. microsoft/llava-med-v1.5-mistral-7b)",
+    "llava": f"{supported()}, or the original LLaVA layout llava_mistral / llava_llama "
+    f"(e.g. microsoft/llava-med-v1.5-mistral-7b); {ADD_A_FAMILY}",
     "vision_tower": "clip or clip_vision_model (a CLIP vision tower)",
     "llm": "any causal LM with a config.json",
 }
@@ -64,7 +65,7 @@ def kind_of(
     model_type = config.get("model_type") if isinstance(config, dict) else None
     shown = model_type if isinstance(model_type, str) and model_type else None
     if role == "llava":
-        if shown in HF_LLAVA and "mm_vision_tower" in config and "text_config" not in config:
+        if shown == "llava" and "mm_vision_tower" in config and "text_config" not in config:
             # LLaVA 1.5's own release (liuhaotian/llava-v1.5-7b) says `llava` too, in the original layout
             return ModelKind(shown, "original_llava", "original LLaVA layout (LLaVA 1.5), converted to HF LLaVA once")
         if shown in HF_LLAVA:

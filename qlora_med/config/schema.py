@@ -15,6 +15,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from qlora_med.config.families import FAMILIES
 from qlora_med.config.problems import raise_problems
 from qlora_med.config.sources import MAX_IMAGE_PIXELS, PIL_BOMB_PIXELS, source_problems
 from qlora_med.config.stages import STAGE_PRESETS, TrainSpec
@@ -35,7 +36,10 @@ def _f(default: Any = dataclasses.MISSING, help: str = "", **kw: Any) -> Any:  #
 
 @dataclass
 class TinyModelConfig:
-    """Builds a tiny LLaVA from config (CLIP + Mistral, real Mistral-v0.2 tokenizer): demo and tests."""
+    """Builds a tiny VLM of a supported family from config (demo and tests): LLaVA is CLIP + Mistral with the
+    real Mistral-v0.2 tokenizer; the other families' sizes are in ``qlora_med.model.tiny``."""
+
+    family: str = _f("llava", "VLM family (qlora_med.config.families): llava, llava_next, qwen2_5_vl, gemma3")
 
     image_size: int = _f(56, "vision input size in pixels")
     patch_size: int = _f(14, "ViT patch size")
@@ -49,6 +53,10 @@ class TinyModelConfig:
     text_kv_heads: int = _f(2, "Mistral key/value heads")
     lm_head_std: float = _f(0.2, "init std of the (frozen) lm_head; large enough for LoRA to move logits")
     seed: int = _f(0, "initialisation seed")
+
+    def __post_init__(self) -> None:
+        if self.family not in FAMILIES:
+            raise_problems([f"model.tiny.family: unknown family '{self.family}'; choose one of {sorted(FAMILIES)}"])
 
 
 @dataclass
@@ -79,6 +87,11 @@ class ModelConfig:
     image_aspect: Literal["pad", "crop"] = _f(
         "pad", "pad to square with the processor mean colour (LLaVA-Med v1.5) or centre-crop"
     )
+    image_size: int | None = _f(
+        None,
+        "any-res / dynamic-resolution families (LLaVA-NeXT, Qwen2.5-VL): square side every image is resized to "
+        "after image_aspect (default: the family's, e.g. 672 / 448); fixed-size towers ignore it",
+    )
     tiny: TinyModelConfig | None = _f(None, "build a tiny model from config into name_or_path (demo/tests)")
     quantization: Literal["nf4", "int8", "none"] = _f("nf4", "LLM linear layers: NF4 (QLoRA), int8, or none")
     double_quant: bool = _f(True, "NF4 double quantization of the absmax constants")
@@ -99,6 +112,8 @@ class ModelConfig:
             problems.append("model: compose mode needs both model.vision_tower and model.llm")
         elif all(sources):
             problems.append("model: set either model.name_or_path or model.vision_tower + model.llm, not both")
+        if self.image_size is not None and self.image_size <= 0:
+            problems.append(f"model.image_size: must be a positive number of pixels, got {self.image_size}")
         if self.tiny is not None and self.name_or_path is None:
             problems.append("model.tiny: needs model.name_or_path (the directory to build the tiny model in)")
         if self.revision is not None:

@@ -18,6 +18,7 @@ the trainer shuffles (seeded) as usual.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -43,6 +44,7 @@ from qlora_med.data.images import MAX_SIDE
 from qlora_med.data.records import Record, RecordRules, SkipLog, check_records, iter_records
 from qlora_med.data.screen import ShrinkTarget
 from qlora_med.errors import DataError, QloraMedError
+from qlora_med.prompts.chat_render import ChatFormat
 
 logger = logging.getLogger(__name__)
 
@@ -261,6 +263,8 @@ def encode_source(cfg: DataConfig, tokenizer, spec: EncodeSpec, cache_dir: Path,
         "tokenizer": cache.tokenizer_fingerprint(tokenizer), "max_length": spec.max_length,
         "num_image_tokens": spec.num_image_tokens, "image_token": spec.image_token,
     }
+    if spec.chat is not None:  # the chat template decides the tokens too
+        key["chat"] = dataclasses.asdict(spec.chat)
     cache_dir.mkdir(parents=True, exist_ok=True)
     entry = cache.entry_dir(cache_dir, Path(source.stem), key)
     with FileLock(str(entry) + ".lock"):
@@ -326,9 +330,11 @@ def mix(parts: list[datasets.Dataset], weights: list[float], seed: int) -> tuple
 
 
 def build_stage_dataset(stage: StageConfig, processor, num_image_tokens: int, image_token: str, seed: int,
-                        cache_dir: str | Path, num_proc: int | None = None) -> tuple[datasets.Dataset, BuildStats]:
-    """The stage's training set (id, image, input_ids, labels, num_tokens) and what happened to each source."""
-    spec = EncodeSpec(stage.template, num_image_tokens, stage.max_length, image_token)
+                        cache_dir: str | Path, num_proc: int | None = None,
+                        chat: ChatFormat | None = None) -> tuple[datasets.Dataset, BuildStats]:
+    """The stage's training set (id, image, input_ids, labels, num_tokens) and what happened to each source.
+    ``chat``: the model's chat format, for template ``chat_template``."""
+    spec = EncodeSpec(stage.template, num_image_tokens, stage.max_length, image_token, chat)
     parts, stats = [], []
     for cfg in stage.data:
         dataset, source_stats = encode_source(cfg, processor.tokenizer, spec, Path(cache_dir), num_proc)

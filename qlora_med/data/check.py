@@ -345,9 +345,9 @@ def load_tokenizer(name_or_path: str | None, image_token: str = IMAGE_TOKEN,
     except (OSError, ValueError):
         config = None
     if config is not None and hasattr(config, "vision_config"):
-        from qlora_med.model.load import num_image_tokens
+        from qlora_med.model.family import tokens_from_config
 
-        n_image = num_image_tokens(config)
+        n_image = tokens_from_config(config) or n_image
     if image_token not in tokenizer.get_vocab():
         add_llava_tokens(tokenizer, image_token)
     return tokenizer, n_image

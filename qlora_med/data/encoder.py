@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 
+from qlora_med.prompts.chat_render import ChatFormat
 from qlora_med.prompts.templates import encode_batch, render, tokenizer_mode
 from qlora_med.prompts.tokenization import announce
 
@@ -41,6 +42,7 @@ class EncodeSpec:
     num_image_tokens: int
     max_length: int
     image_token: str = "<image>"
+    chat: ChatFormat | None = None  # the model's chat template (template chat_template)
 
 
 @dataclass
@@ -75,7 +77,8 @@ class BatchEncoder:
     def encode(self, rounds: list[list[tuple[str, str]]]) -> EncodedRows:
         """Encode each conversation (a list of (question, answer) rounds)."""
         tok, spec = self.tokenizer, self.spec
-        rendered = [render(spec.template, r, spec.image_token, tok.bos_token, tok.eos_token) for r in rounds]
+        rendered = [render(spec.template, r, spec.image_token, tok.bos_token, tok.eos_token, spec.chat)
+                    for r in rounds]
         batch = encode_batch(tok, rendered, self.image_token_id, spec.num_image_tokens, spec.max_length)
         problems = {r: (IMAGE_CUT, message) for r, message in batch.image_cut.items()}
         for r in np.flatnonzero(batch.answer_tokens == 0).tolist():

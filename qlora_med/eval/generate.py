@@ -170,7 +170,7 @@ def load_table_questions(source) -> list[Question]:
 
 def _vision_dtype(model) -> torch.dtype:
     for name, param in model.named_parameters():
-        if "vision_tower" in name and param.is_floating_point():
+        if ("vision_tower" in name or ".visual." in name) and param.is_floating_point():
             return param.dtype
     return torch.float32
 
@@ -179,20 +179,27 @@ class Generator:
     """Wraps ``load_trained``'s ``(model, processor, info)`` for batched and streamed generation."""
 
     def __init__(self, model, processor, info: dict, source: str | None = None) -> None:
-        from qlora_med.model.load import num_image_tokens
+        from qlora_med.model.family import chat_format, image_spec
 
         self.model, self.processor, self.info = model, processor, info
         self.source = source  # the resolved model folder, recorded in prediction files
         self.tokenizer = processor.tokenizer
         self.template: str = info["template"]
-        self.image_token: str = info.get("image_token") or getattr(processor, "image_token", IMAGE_TOKEN)
-        self.image_token_id = self.tokenizer.convert_tokens_to_ids(self.image_token)
-        self.num_image_tokens = num_image_tokens(model.config)
-        self.collator = VisionCollator(processor, info.get("image_aspect", "pad"))
+        wanted = info.get("image_token") or getattr(processor, "image_token", IMAGE_TOKEN)
+        self.images = image_spec(model.config, processor, info.get("image_size"), wanted)  # as in training
+        self.image_token: str = self.tokenizer.convert_ids_to_tokens(self.images.image_token_id)
+        self.image_token_id = self.images.image_token_id
+        self.num_image_tokens = self.images.tokens
+        self.chat = chat_format(processor, self.images) if self.template == "chat_template" else None
+        self.collator = VisionCollator(processor, info.get("image_aspect", "pad"), images=self.images)
         self.pixel_dtype = _vision_dtype(model)
         text_config = getattr(model.config, "text_config", model.config)
         self.context_length: int = getattr(text_config, "max_position_embeddings", 4096)
         self.stop_strings = STOP_STRINGS.get(self.template, [])
+        turn_end = self.images.family.turn_end if self.chat is not None else ""  # e.g. Gemma's <end_of_turn>
+        self.stop_ids = [tok_id for tok_id in (self.tokenizer.eos_token_id,
+                                               self.tokenizer.convert_tokens_to_ids(turn_end) if turn_end else None)
+                         if tok_id is not None]
 
     @classmethod
     def load(cls, path: str | Path, compute_dtype: str = "auto") -> Generator:
@@ -209,10 +216,10 @@ class Generator:
 
     def render(self, rounds: list[tuple[str, str | None]]) -> Rendered:
         """The training render of ``rounds``; a final answer of ``None`` ends at the generation point."""
-        if self.image_token != IMAGE_TOKEN:
+        if self.image_token != IMAGE_TOKEN and self.chat is None:
             rounds = [(q.replace(IMAGE_TOKEN, self.image_token), a) for q, a in rounds]
         tok = self.tokenizer
-        return render(self.template, rounds, self.image_token, tok.bos_token, tok.eos_token)
+        return render(self.template, rounds, self.image_token, tok.bos_token, tok.eos_token, self.chat)
 
     def prompt_ids(self, rounds: list[tuple[str, str | None]]) -> list[int]:
         """Token ids of the generation prompt, image token expanded as in training."""
@@ -242,14 +249,15 @@ class Generator:
                 self.context_length,
             )
 
-    def pixel_values(self, images: list[Path | bytes], ids: list[str]) -> torch.Tensor:
-        """Images (files or encoded bytes) preprocessed by the training collator (unreadable: ``DataError``)."""
-        values, _ = self.collator.pixel_values([p if isinstance(p, bytes) else str(p) for p in images], ids)
+    def pixel_values(self, images: list[Path | bytes], ids: list[str]) -> dict[str, torch.Tensor]:
+        """Images (files or encoded bytes) preprocessed by the training collator (unreadable: ``DataError``): the
+        image inputs the model takes (``pixel_values`` and the family's others)."""
+        values, _ = self.collator.image_inputs([p if isinstance(p, bytes) else str(p) for p in images], ids)
         return values
 
     # ---------------------------------------------------------------- generation
 
-    def _inputs(self, prompts: list[list[int]], pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
+    def _inputs(self, prompts: list[list[int]], image_inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         longest = max(map(len, prompts))
         pad = (
             self.tokenizer.pad_token_id
@@ -262,11 +270,12 @@ class Generator:
             input_ids[row, longest - len(ids) :] = torch.tensor(ids)
             attention_mask[row, longest - len(ids) :] = 1
         device = self.model.device
-        return {
-            "input_ids": input_ids.to(device),
-            "attention_mask": attention_mask.to(device),
-            "pixel_values": pixel_values.to(device, self.pixel_dtype),
-        }
+        inputs = {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}
+        for key, value in image_inputs.items():
+            inputs[key] = value.to(device, self.pixel_dtype) if value.is_floating_point() else value.to(device)
+        if self.images.family.token_type_ids:
+            inputs["token_type_ids"] = (input_ids == self.image_token_id).long().to(device)
+        return inputs
 
     def _generate_kwargs(self, sampling: Sampling) -> dict[str, Any]:
         tok = self.tokenizer
@@ -274,7 +283,7 @@ class Generator:
             "max_new_tokens": sampling.max_new_tokens,
             "do_sample": sampling.temperature > 0,
             "pad_token_id": tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
-            "eos_token_id": tok.eos_token_id,
+            "eos_token_id": self.stop_ids,
             "use_cache": True,
         }
         if sampling.temperature > 0:
@@ -292,14 +301,15 @@ class Generator:
         return text.strip()
 
     @torch.inference_mode()
-    def generate(self, prompts: list[list[int]], pixel_values: torch.Tensor, sampling: Sampling) -> list[str]:
-        """Answers for a batch of prompt ids (one image per prompt, in order)."""
+    def generate(self, prompts: list[list[int]], pixel_values: dict[str, torch.Tensor], sampling: Sampling) -> list[str]:
+        """Answers for a batch of prompt ids (one image per prompt, in order; ``pixel_values`` from
+        :meth:`pixel_values`)."""
         inputs = self._inputs(prompts, pixel_values)
         out = self.model.generate(**inputs, **self._generate_kwargs(sampling))
         new = out[:, inputs["input_ids"].shape[1] :]
         return [self.clean(t) for t in self.tokenizer.batch_decode(new, skip_special_tokens=True)]
 
-    def stream(self, prompt: list[int], pixel_values: torch.Tensor, sampling: Sampling) -> Iterator[str]:
+    def stream(self, prompt: list[int], pixel_values: dict[str, torch.Tensor], sampling: Sampling) -> Iterator[str]:
         """Yield the answer's text as it is generated (stop strings held back and removed)."""
         from transformers import TextIteratorStreamer
 

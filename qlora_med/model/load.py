@@ -1,6 +1,6 @@
-"""Load a LLaVA for training or inference: the dtype table (:data:`DTYPES`), the compute dtype, the
-quantization config (and the modules it skips), :func:`load_model`, the projector, image tokens per image and
-the LoRA target regex.
+"""Load a VLM of any supported family (:mod:`qlora_med.config.families`) for training or inference: the dtype
+table (:data:`DTYPES`), the compute dtype, the quantization config (the family's tower, connector and lm_head
+skipped), :func:`load_model` and the LoRA target regex.
 """
 
 from __future__ import annotations
@@ -11,12 +11,12 @@ from pathlib import Path
 
 import torch
 
+from qlora_med.config.families import Family, hf_class_name
 from qlora_med.config.schema import LoraConfig, ModelConfig
+from qlora_med.model.family import connector_modules, connector_parameters, family_of_dir, load_processor
 
 logger = logging.getLogger(__name__)
 
-# Full module paths: with transformers 5 bare names ("multi_modal_projector") do not stop quantization.
-QUANT_SKIP_MODULES = ["model.vision_tower", "model.multi_modal_projector", "lm_head"]
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}  # recipe / CLI names
 
 
@@ -48,14 +48,16 @@ def _under_fsdp() -> bool:
     return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
 
 
-def quantization_config(cfg: ModelConfig, compute_dtype: torch.dtype):
-    """The BitsAndBytesConfig for the LLM (vision tower, projector and lm_head skipped), or None."""
+def quantization_config(cfg: ModelConfig, compute_dtype: torch.dtype, family: Family):
+    """The BitsAndBytesConfig for the LLM (the family's vision tower, connector and lm_head skipped), or None.
+
+    Full module paths: with transformers 5 bare names ("multi_modal_projector") do not stop quantization."""
     if cfg.quantization == "none":
         return None
     from transformers import BitsAndBytesConfig
 
     if cfg.quantization == "int8":
-        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=QUANT_SKIP_MODULES)
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=family.quant_skip)
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
@@ -63,30 +65,41 @@ def quantization_config(cfg: ModelConfig, compute_dtype: torch.dtype):
         bnb_4bit_compute_dtype=compute_dtype,
         # FSDP shards parameters of one dtype: store NF4 in the compute dtype so it can shard them
         bnb_4bit_quant_storage=compute_dtype if _under_fsdp() else torch.uint8,
-        llm_int8_skip_modules=QUANT_SKIP_MODULES,
+        llm_int8_skip_modules=family.quant_skip,
     )
 
 
 def _cast_input_to_weight(module: torch.nn.Module, args: tuple) -> tuple:
-    """Projector pre-hook: full-precision projector fed by a half-precision vision tower."""
-    weight = module.linear_1.weight
+    """Connector pre-hook: full-precision connector fed by a half-precision vision tower."""
+    weight = next(module.parameters())
     return (args[0].to(weight.dtype), *args[1:])
 
 
+def _cast_output(dtype: torch.dtype):
+    def hook(module: torch.nn.Module, args: tuple, output):
+        return output.to(dtype) if isinstance(output, torch.Tensor) else output
+
+    return hook
+
+
 def load_model(cfg: ModelConfig, base_dir: Path, compute_dtype: torch.dtype, device_map=None):
-    """Load the LLaVA with the LLM quantized as configured; the projector is kept in fp32. The attention
-    implementation is the one :func:`qlora_med.patches.select.resolve_attn_implementation` picks."""
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
+    """Load the model with its LLM quantized as configured and its connector in fp32 (fed and read in the compute
+    dtype). The class comes from the family table; the attention implementation is the one
+    :func:`qlora_med.patches.select.resolve_attn_implementation` picks."""
+    import transformers
 
     from qlora_med.patches import bnb_cpu
     from qlora_med.patches.select import resolve_attn_implementation  # here: it imports Triton, bitsandbytes
 
-    quant = quantization_config(cfg, compute_dtype)
+    family = family_of_dir(base_dir)
+    config = transformers.AutoConfig.from_pretrained(base_dir)
+    cls = getattr(transformers, hf_class_name(config.model_type))
+    quant = quantization_config(cfg, compute_dtype, family)
     if quant is not None:
         bnb_cpu.install()
     if device_map is None and torch.cuda.is_available() and not _under_fsdp():  # FSDP places shards itself
         device_map = {"": torch.cuda.current_device()}
-    model = LlavaForConditionalGeneration.from_pretrained(
+    model = cls.from_pretrained(
         base_dir,
         quantization_config=quant,
         dtype=compute_dtype,
@@ -95,31 +108,19 @@ def load_model(cfg: ModelConfig, base_dir: Path, compute_dtype: torch.dtype, dev
     )
     if quant is not None:
         bnb_cpu.keep_training_numerics(model)
-    projector = projector_module(model)
-    projector.float()
-    projector.register_forward_pre_hook(_cast_input_to_weight)
+    for param in connector_parameters(model, family).values():
+        param.data = param.data.float()
+    for module in connector_modules(model, family):
+        module.register_forward_pre_hook(_cast_input_to_weight)
+        module.register_forward_hook(_cast_output(compute_dtype))
     model.config.use_cache = False
-    processor = AutoProcessor.from_pretrained(base_dir)
-    logger.info("loaded %s (LLM: %s, compute %s)", base_dir, cfg.quantization, compute_dtype)
+    processor = load_processor(base_dir, family)
+    logger.info("loaded %s (%s; LLM: %s, compute %s)", base_dir, family.title, cfg.quantization, compute_dtype)
     return model, processor
 
 
-def projector_module(model: torch.nn.Module) -> torch.nn.Module:
-    """The LLaVA projector inside a (possibly PEFT-wrapped) model."""
-    for name, module in model.named_modules():
-        if name.endswith("multi_modal_projector"):
-            return module
-    raise ValueError("model has no multi_modal_projector")
-
-
-def num_image_tokens(model_config) -> int:
-    """Image tokens per image for a CLIP tower with the 'default' strategy (CLS dropped)."""
-    vision = model_config.vision_config
-    n = (vision.image_size // vision.patch_size) ** 2
-    return n + (1 if model_config.vision_feature_select_strategy == "full" else 0)
-
-
-def lora_target_regex(lora: LoraConfig) -> str:
-    """PEFT target regex: the named linear layers of the language model only."""
+def lora_target_regex(lora: LoraConfig, family: Family) -> str:
+    """PEFT target regex: the named linear layers of the family's language model only."""
     names = "|".join(sorted(set(lora.target_modules)))
-    return rf"^model\.language_model\.layers\.\d+\..*\.({names})$"
+    prefix = family.language_model.replace(".", "\\.")
+    return rf"^{prefix}\.layers\.\d+\..*\.({names})$"

@@ -17,7 +17,7 @@ pipeline says, which for SentencePiece tokenizers saved by transformers 5 is not
 
 from __future__ import annotations
 
-from qlora_med.prompts.templates import LLAVA_MED_V1_SYSTEM, TEMPLATES, VICUNA_SYSTEM
+from qlora_med.prompts.templates import KIT_TEMPLATES, LLAVA_MED_V1_SYSTEM, VICUNA_SYSTEM
 
 # Shared prologue: text of a message (string or list of parts) and the first-question rules.
 _PROLOGUE = """\
@@ -92,9 +92,9 @@ def _literal(value: str) -> str:
 
 
 def chat_template(template: str, image_token: str = "<image>") -> str:
-    """The Jinja chat template for one of :data:`qlora_med.prompts.templates.TEMPLATES`."""
-    if template not in TEMPLATES or template not in _BODIES:
-        raise ValueError(f"unknown template {template!r}; choose one of {sorted(TEMPLATES)}")
+    """The Jinja chat template for one of :data:`qlora_med.prompts.templates.KIT_TEMPLATES`."""
+    if template not in KIT_TEMPLATES:
+        raise ValueError(f"unknown template {template!r}; choose one of {sorted(KIT_TEMPLATES)}")
     header = "{%- set IMG = " + _literal(image_token) + " -%}\n"
     if template in _SYSTEMS:
         header += "{%- set SYSTEM = " + _literal(_SYSTEMS[template]) + " -%}\n"
@@ -102,7 +102,10 @@ def chat_template(template: str, image_token: str = "<image>") -> str:
 
 
 def set_chat_template(processor, template: str, image_token: str) -> None:
-    """Attach the template to a processor and its tokenizer (both are saved by ``save_pretrained``)."""
+    """Attach the template to a processor and its tokenizer (both are saved by ``save_pretrained``);
+    ``chat_template`` keeps the model's own."""
+    if template == "chat_template":
+        return
     jinja = chat_template(template, image_token)
     processor.chat_template = jinja
     tokenizer = getattr(processor, "tokenizer", None)

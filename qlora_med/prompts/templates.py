@@ -38,7 +38,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from qlora_med.prompts.tokenization import LEGACY, TokenizerMode, announce, tokenize
+from qlora_med.prompts.chat_render import render_chat
+from qlora_med.prompts.tokenization import LEGACY, NATIVE, TokenizerMode, announce, tokenize
 
 IGNORE_INDEX = -100
 
@@ -70,8 +71,13 @@ TEMPLATE_SPECS: dict[str, TemplateSpec] = {
     ),
     "vicuna_v1": TemplateSpec("LLaVA-Med v1.5's conv_vicuna_v1 + preprocess_v1"),
     "llava_med_v1": TemplateSpec("LLaVA-Med v1.0.0 training: '###' conversation + preprocess/_mask_targets"),
+    "chat_template": TemplateSpec(
+        "the model's own chat template (processor.apply_chat_template), answers and their turn end trained "
+        "(qlora_med.prompts.chat_render)", NATIVE,
+    ),
 }
 TEMPLATES = frozenset(TEMPLATE_SPECS)
+KIT_TEMPLATES = TEMPLATES - {"chat_template"}  # rendered by the kit itself (and written as Jinja for exports)
 
 
 def tokenizer_mode(template: str) -> TokenizerMode:
@@ -145,10 +151,16 @@ def render(
     image_token: str | None,
     bos: str = "<s>",
     eos: str = "</s>",
+    chat=None,
 ) -> Rendered:
-    """Render (question, answer) rounds; a final answer of ``None`` leaves a generation prompt."""
+    """Render (question, answer) rounds; a final answer of ``None`` leaves a generation prompt. ``chat_template``
+    renders with ``chat`` (a :class:`qlora_med.prompts.chat_render.ChatFormat`)."""
     if template not in TEMPLATES:
         raise ValueError(f"unknown template {template!r}; choose one of {sorted(TEMPLATES)}")
+    if template == "chat_template":
+        if chat is None:
+            raise ValueError("template chat_template needs the model's chat format (its processor's chat template)")
+        return Rendered(*render_chat(chat, turns, image_token is not None), template)
     if template == "llava_med_v1":
         return _render_v1(turns, image_token, bos)
     if image_token is not None:

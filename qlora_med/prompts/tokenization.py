@@ -42,12 +42,17 @@ class TokenizerMode:
     """How a template's text is tokenized by a SentencePiece tokenizer."""
 
     legacy: bool  # dummy prefix on every piece between added tokens (slow LlamaTokenizer legacy=True)
+    native: bool = False  # the tokenizer's own pipeline, as processor(text) uses it (chat templates)
 
     @property
     def name(self) -> str:
+        if self.native:
+            return "native"
         return "sentencepiece_legacy" if self.legacy else "sentencepiece"
 
     def describe(self) -> str:
+        if self.native:
+            return "the tokenizer's own pipeline, as the model's processor tokenizes its chat template's text"
         if self.legacy:
             return (
                 "SentencePiece legacy mode: every text piece between added tokens encoded on its own, with its "
@@ -59,6 +64,7 @@ class TokenizerMode:
 
 LEGACY = TokenizerMode(legacy=True)
 NON_LEGACY = TokenizerMode(legacy=False)
+NATIVE = TokenizerMode(legacy=False, native=True)
 
 
 @dataclass
@@ -193,7 +199,7 @@ def tokenize(tokenizer, texts: list[str], mode: TokenizerMode) -> tuple[np.ndarr
     Added tokens (``<s>``, ``</s>``, the image token) written in the text are their ids; no BOS is added.
     """
     prepared = _prepare(tokenizer)
-    if prepared.sentencepiece:
+    if prepared.sentencepiece and not mode.native:
         encs = _backend(prepared, mode.legacy).encode_batch(texts, add_special_tokens=False)
         ids_rows, offset_rows = [e.ids for e in encs], [e.offsets for e in encs]
     else:
@@ -223,7 +229,7 @@ def save_training_tokenizer(tokenizer, mode: TokenizerMode, folder) -> bool:
     from pathlib import Path
 
     prepared = _prepare(tokenizer)
-    if not prepared.sentencepiece:
+    if not prepared.sentencepiece or mode.native:
         return False
     folder = Path(folder)
     saved = copy.deepcopy(tokenizer)

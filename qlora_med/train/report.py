@@ -42,7 +42,7 @@ def stage_record(recipe: RecipeConfig, stage: StageConfig, *, trainer: StageTrai
         "stage": stage.name, "kind": stage.kind, "base_model": str(base_dir),
         "previous_stage": str(previous) if previous else None, "template": stage.template,
         "quantization": recipe.model.quantization, "compute_dtype": str(compute_dtype).replace("torch.", ""),
-        "image_aspect": recipe.model.image_aspect, "train": asdict(stage.train), "lora": trained_lora(model),
+        "image_aspect": recipe.model.image_aspect, "image_size": recipe.model.image_size, "train": asdict(stage.train), "lora": trained_lora(model),
         "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
         "steps": trainer.state.global_step, "samples": samples, "truncated": stats.truncated,
         "skipped_images": trainer.data_collator.skipped, "micro_batch": plan.micro_batch,

@@ -23,7 +23,8 @@ from qlora_med.data.collate import VisionCollator
 from qlora_med.data.packing import PaddingFreeCollator
 from qlora_med.io import atomic_dir, atomic_write_text
 from qlora_med.model.build import base_model_dir
-from qlora_med.model.load import load_model, num_image_tokens, resolve_compute_dtype
+from qlora_med.model.family import chat_format, image_spec
+from qlora_med.model.load import load_model, resolve_compute_dtype
 from qlora_med.patches.select import apply_kernels
 from qlora_med.prompts.templates import tokenizer_mode
 from qlora_med.prompts.tokenization import save_training_tokenizer
@@ -66,9 +67,12 @@ def train_stage(recipe: RecipeConfig, stage: StageConfig) -> dict:
     model = setup_trainable(model, stage.train, recipe.lora, previous, stage.gradient_checkpointing)
     kernels = apply_kernels(model, recipe.kernels, stage.padding_free)  # logs which path runs
 
+    images = image_spec(model.config, processor, recipe.model.image_size, recipe.model.image_token)
+    logger.info("images: %s", images.describe())
+    chat = chat_format(processor, images) if stage.template == "chat_template" else None
     dataset, stats = build_stage_dataset(
-        stage, processor, num_image_tokens(model.config), recipe.model.image_token, recipe.seed,
-        Path(recipe.model.cache_dir) / "data",
+        stage, processor, images.tokens, processor.tokenizer.convert_ids_to_tokens(images.image_token_id),
+        recipe.seed, Path(recipe.model.cache_dir) / "data", chat=chat,
     )
     logger.info("stage %s: %d samples (template %s): %s", stage.name, len(dataset), stage.template, stats.summary())
 
@@ -78,7 +82,7 @@ def train_stage(recipe: RecipeConfig, stage: StageConfig) -> dict:
         args = sft_config(stage, out, recipe.seed, compute_dtype, recipe.report_to)
         args.per_device_train_batch_size = plan.micro_batch
         args.gradient_accumulation_steps = plan.accumulation
-        collator = VisionCollator(processor, recipe.model.image_aspect, stats.on_bad_image)
+        collator = VisionCollator(processor, recipe.model.image_aspect, stats.on_bad_image, images=images)
         return StageTrainer(
             model=model,
             args=args,

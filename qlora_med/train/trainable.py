@@ -21,10 +21,12 @@ from typing import Any
 import torch
 
 from qlora_med.artifacts.adapter import ADAPTER_FILE, load_projector
+from qlora_med.config.families import FAMILIES
 from qlora_med.config.schema import LoraConfig, StageConfig
 from qlora_med.config.stages import TrainSpec
 from qlora_med.errors import ConfigError
-from qlora_med.model.load import lora_target_regex, projector_module
+from qlora_med.model.family import connector_parameters, family_of_config
+from qlora_med.model.load import lora_target_regex
 
 logger = logging.getLogger(__name__)
 
@@ -53,11 +55,12 @@ def lora_settings(peft_config: Mapping[str, Any]) -> dict[str, Any]:
 
 def _target_names(regex: str) -> list[str] | str:
     """The layer names in a regex written by ``lora_target_regex``; any other regex unchanged."""
-    head, _, tail = lora_target_regex(LoraConfig(target_modules=["NAMES"])).partition("NAMES")
-    if regex.startswith(head) and regex.endswith(tail) and len(regex) > len(head) + len(tail):
-        names = sorted(regex[len(head):len(regex) - len(tail)].split("|"))
-        if lora_target_regex(LoraConfig(target_modules=names)) == regex:
-            return names
+    for family in FAMILIES.values():
+        head, _, tail = lora_target_regex(LoraConfig(target_modules=["NAMES"]), family).partition("NAMES")
+        if regex.startswith(head) and regex.endswith(tail) and len(regex) > len(head) + len(tail):
+            names = sorted(regex[len(head):len(regex) - len(tail)].split("|"))
+            if lora_target_regex(LoraConfig(target_modules=names), family) == regex:
+                return names
     return regex
 
 
@@ -105,7 +108,7 @@ def setup_trainable(model, train: TrainSpec, lora: LoraConfig, previous: Path | 
     elif train.llm == "lora":
         peft_cfg = PeftLoraConfig(
             r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, bias="none",
-            target_modules=lora_target_regex(lora), task_type="CAUSAL_LM",
+            target_modules=lora_target_regex(lora, family_of_config(model.config)), task_type="CAUSAL_LM",
         )
         model = get_peft_model(model, peft_cfg)
         if not any("lora_" in n for n, _ in model.named_parameters()):
@@ -116,5 +119,6 @@ def setup_trainable(model, train: TrainSpec, lora: LoraConfig, previous: Path | 
     if previous is not None:
         load_projector(model, previous)
         logger.info("loaded projector from %s", previous)
-    projector_module(model).requires_grad_(train.projector == "full")
+    for param in connector_parameters(model, family_of_config(model.config)).values():
+        param.requires_grad_(train.projector == "full")
     return model

@@ -28,7 +28,7 @@ from trl import SFTConfig, SFTTrainer
 from qlora_med.artifacts.adapter import load_trainable, save_trainable
 from qlora_med.config.schema import StageConfig
 from qlora_med.errors import ConfigError
-from qlora_med.model.load import projector_module
+from qlora_med.model.family import connector_parameters, family_of_config
 from qlora_med.train.checkpoints import mark_complete, rotate_checkpoints
 
 logger = logging.getLogger(__name__)
@@ -170,7 +170,7 @@ class StageTrainer(SFTTrainer):
         if self.optimizer is not None:
             return self.optimizer
         model = self.model if model is None else model
-        projector_ids = {id(p) for p in projector_module(model).parameters()}
+        projector_ids = {id(p) for p in connector_parameters(model, family_of_config(model.config)).values()}
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         adapter = [p for _n, p in named if id(p) not in projector_ids]
         projector = [p for _n, p in named if id(p) in projector_ids]

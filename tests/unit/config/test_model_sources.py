@@ -33,7 +33,9 @@ def _model_dir(path: Path, model_type: str | None, **extra) -> Path:
 
 
 def test_kinds_from_config_json():
-    assert str(kind_of({"model_type": "llava"})) == "llava (HF LLaVA, LlavaForConditionalGeneration)"
+    assert str(kind_of({"model_type": "llava"})) == "llava (LLaVA 1.5 / LLaVA-Med v1.5, LlavaForConditionalGeneration)"
+    for model_type in ("llava_next", "qwen2_vl", "qwen2_5_vl", "gemma3"):  # the other families of the table
+        assert kind_of({"model_type": model_type}).layout == "hf_llava"
     original = kind_of(
         {"model_type": "llava_mistral", "mm_vision_tower": "openai/clip-vit-large-patch14-336"}
     )
@@ -43,7 +45,7 @@ def test_kinds_from_config_json():
     assert kind_of({"model_type": "clip"}, role="vision_tower").layout == "clip_vision"
     assert kind_of({"model_type": "mistral"}, role="llm").layout == "causal_lm"
     assert kind_of({}, role="llm").model_type == "unknown"  # the LLM is checked loosely
-    for model_type in ("llava_next", "qwen2_vl"):
+    for model_type in ("mllama", "idefics3"):
         with pytest.raises(ConfigError) as err:
             kind_of({"model_type": model_type}, where="model.name_or_path: 'models/x'")
         msg = str(err.value)
@@ -51,7 +53,8 @@ def test_kinds_from_config_json():
             f"model.name_or_path: 'models/x' has model_type '{model_type}' in its config.json"
         )
         assert (
-            "supported: llava (LlavaForConditionalGeneration)" in msg and "llava_mistral / llava_llama" in msg
+            "supported: llava (model_type llava: LLaVA 1.5" in msg and "llava_mistral / llava_llama" in msg
+            and "gemma3" in msg and "qlora_med/config/families.py" in msg
         )
         assert "\n" not in msg
     with pytest.raises(
@@ -117,13 +120,12 @@ def test_bad_ids_and_unsupported_local_models_are_one_line_each(tmp_path, monkey
         _, problems = model_sources(ModelConfig(name_or_path=bad))
         assert len(problems) == 1 and problems[0].startswith(f"model.name_or_path: '{bad}'"), problems
         assert "org/name" in problems[0] and "\n" not in problems[0]
-    _model_dir(tmp_path / "next", "llava_next")
+    _model_dir(tmp_path / "next", "mllama")
     _, problems = model_sources(ModelConfig(name_or_path="next"))
-    assert problems == [
-        "model.name_or_path: 'next' has model_type 'llava_next' in its config.json, which is not "
-        "supported here; supported: llava (LlavaForConditionalGeneration), or the original LLaVA "
-        "layout llava_mistral / llava_llama (e.g. microsoft/llava-med-v1.5-mistral-7b)"
-    ]
+    assert len(problems) == 1 and problems[0].startswith(
+        "model.name_or_path: 'next' has model_type 'mllama' in its config.json, which is not "
+        "supported here; supported: llava (model_type llava: LLaVA 1.5 / LLaVA-Med v1.5), llava_next"
+    ) and "to add one, write its Family entry" in problems[0]
     (tmp_path / "empty").mkdir()
     _, problems = model_sources(ModelConfig(name_or_path="empty"))
     assert problems[0].startswith("model.name_or_path: 'empty' has no config.json")
@@ -157,13 +159,14 @@ def test_validate_prints_the_kind_of_a_local_model(tmp_path, monkeypatch, caplog
     local = _model_dir(tmp_path / "llava", "llava")
     assert cli_main(["validate", str(DEMO), *HUB_RECIPE, f"model.name_or_path={local}"]) == 0
     assert (
-        f"model.name_or_path: folder '{local}': llava (HF LLaVA, LlavaForConditionalGeneration)"
+        f"model.name_or_path: folder '{local}': llava (LLaVA 1.5 / LLaVA-Med v1.5, LlavaForConditionalGeneration); "
+        "family llava"
         in caplog.text
     )
     caplog.clear()
     assert cli_main(["validate", str(DEMO)]) == 0
     assert (
-        "model.name_or_path: folder '.cache/qlora-med/tiny-llava-demo': tiny LLaVA built from model.tiny"
+        "model.name_or_path: folder '.cache/qlora-med/tiny-llava-demo': tiny model built from model.tiny (family llava"
         in caplog.text
     )
 
@@ -174,7 +177,7 @@ def test_validate_reads_only_config_json_of_a_hub_model(tmp_path, monkeypatch, c
     with serve_hub(monkeypatch, tmp_path / "hf-cache") as hub:
         weights = {"model.safetensors": b"\0" * 1000}
         hub.state.models["org/med"] = HubModel({"config.json": b'{"model_type": "llava_mistral"}', **weights})
-        hub.state.models["org/next"] = HubModel({"config.json": b'{"model_type": "llava_next"}', **weights})
+        hub.state.models["org/next"] = HubModel({"config.json": b'{"model_type": "mllama"}', **weights})
         assert cli_main(["validate", str(DEMO), *HUB_RECIPE, "model.name_or_path=org/med"]) == 0
         assert (
             "model.name_or_path: Hub model org/med@main: llava_mistral (original LLaVA layout with a Mistral LLM"
@@ -183,7 +186,7 @@ def test_validate_reads_only_config_json_of_a_hub_model(tmp_path, monkeypatch, c
         caplog.clear()
         assert cli_main(["validate", str(DEMO), *HUB_RECIPE, "model.name_or_path=org/next"]) == 1
         assert (
-            "model.name_or_path: Hub model 'org/next@main' has model_type 'llava_next' in its config.json, which "
+            "model.name_or_path: Hub model 'org/next@main' has model_type 'mllama' in its config.json, which "
             "is not supported here"
         ) in caplog.text
         caplog.clear()

@@ -19,7 +19,8 @@ from qlora_med.data.collate import VisionCollator
 from qlora_med.data.encoder import IMAGE_CUT, NO_ANSWER, BatchEncoder, EncodeSpec
 from qlora_med.data.records import iter_json_objects
 from qlora_med.errors import DataError, QloraMedError
-from qlora_med.prompts.templates import TEMPLATES, encode, render
+from qlora_med.prompts.templates import KIT_TEMPLATES as TEMPLATES
+from qlora_med.prompts.templates import encode, render
 
 SAMPLE = Path(__file__).resolve().parents[3] / "data" / "sample"
 

@@ -13,7 +13,8 @@ from helpers.legacy import load_records
 from qlora_med.cli import main as cli
 from qlora_med.data.encoder import BatchEncoder, EncodeSpec
 from qlora_med.eval.generate import Generator, Sampling, load_questions, read_done, run_vqa
-from qlora_med.prompts.templates import IGNORE_INDEX, TEMPLATES
+from qlora_med.prompts.templates import IGNORE_INDEX
+from qlora_med.prompts.templates import KIT_TEMPLATES as TEMPLATES
 
 ROOT = Path(__file__).resolve().parents[3]
 SAMPLE = ROOT / "data" / "sample"

@@ -39,12 +39,12 @@ def test_base_model_dir_downloads_a_hub_llava_into_the_cache(hub, tiny_dir, tmp_
 def test_an_unsupported_hub_model_is_refused_before_its_weights_download(hub):
     weights = b"\0" * 100_000
     hub.state.models["org/next"] = HubModel(
-        {"config.json": b'{"model_type": "llava_next"}', "model.safetensors": weights}
+        {"config.json": b'{"model_type": "mllama"}', "model.safetensors": weights}
     )
     with pytest.raises(ConfigError) as err:
         base_model_dir(ModelConfig(name_or_path="org/next"))
     assert str(err.value).startswith(
-        "model.name_or_path: Hub model 'org/next@main' has model_type 'llava_next'"
+        "model.name_or_path: Hub model 'org/next@main' has model_type 'mllama'"
     )
     assert fetched_files(hub) == {"config.json"}
 

@@ -7,7 +7,8 @@ import copy
 import pytest
 
 from qlora_med.prompts.chat_template import chat_template, set_chat_template
-from qlora_med.prompts.templates import TEMPLATES, render
+from qlora_med.prompts.templates import KIT_TEMPLATES as TEMPLATES
+from qlora_med.prompts.templates import render
 
 CONVERSATIONS = [
     [("What is this?<image>", "A CT scan. "), ("Where is the lesion?", None)],

@@ -11,7 +11,8 @@ import sys
 import pytest
 
 from qlora_med.model.processor import add_llava_tokens, mistral_tokenizer
-from qlora_med.prompts.templates import TEMPLATES, render, tokenizer_mode
+from qlora_med.prompts.templates import KIT_TEMPLATES as TEMPLATES
+from qlora_med.prompts.templates import render, tokenizer_mode
 from qlora_med.prompts.tokenization import save_training_tokenizer, tokenize
 
 ROUNDS = [("<image>\nIs there a pneumothorax in the left  hemithorax?", "No."),

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 from helpers.legacy import load_records
 
-from qlora_med.prompts.templates import IGNORE_INDEX, TEMPLATES, encode, render, tokenizer_mode
+from qlora_med.prompts.templates import IGNORE_INDEX, encode, render, tokenizer_mode
+from qlora_med.prompts.templates import KIT_TEMPLATES as TEMPLATES
 from qlora_med.prompts.tokenization import tokenize
 
 SAMPLE = Path(__file__).resolve().parents[3] / "data" / "sample"

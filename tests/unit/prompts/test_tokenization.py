@@ -12,7 +12,8 @@ import pytest
 import sentencepiece as spm
 from helpers.original_formats import SlowLegacyTokenizer
 
-from qlora_med.prompts.templates import TEMPLATES, encode, render, tokenizer_mode
+from qlora_med.prompts.templates import KIT_TEMPLATES as TEMPLATES
+from qlora_med.prompts.templates import encode, render, tokenizer_mode
 from qlora_med.prompts.tokenization import LEGACY, NON_LEGACY, describe, tokenize
 
 SP_MODEL = Path(mistral_common.__file__).parent / "data" / "tokenizer.model.v1"

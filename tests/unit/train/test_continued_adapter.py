@@ -7,11 +7,14 @@ from pathlib import Path
 
 import pytest
 
+from qlora_med.config.families import FAMILIES
 from qlora_med.config.loader import load_recipe
 from qlora_med.config.schema import LoraConfig
 from qlora_med.errors import ConfigError
 from qlora_med.model.load import lora_target_regex
 from qlora_med.train.trainable import check_continued_adapter, lora_settings
+
+LLAVA = FAMILIES["llava"]
 
 ROOT = Path(__file__).resolve().parents[3]
 DATA = [
@@ -25,7 +28,7 @@ def _fake_final(folder: Path, **adapter) -> Path:
     """A previous stage's final/ with a hand-written PEFT adapter_config.json (weights are never read)."""
     folder.mkdir(parents=True)
     config = {"peft_type": "LORA", "r": 16, "lora_alpha": 32, "lora_dropout": 0.05,
-              "target_modules": lora_target_regex(LoraConfig()), **adapter}
+              "target_modules": lora_target_regex(LoraConfig(), LLAVA), **adapter}
     (folder / "adapter_config.json").write_text(json.dumps(config))
     (folder / "adapter_model.safetensors").write_bytes(b"")
     (folder / "projector.safetensors").write_bytes(b"")
@@ -43,7 +46,7 @@ def test_matching_adapter_passes(tmp_path, sample_recipe):
 
 def test_differing_adapter_is_refused_naming_stage_folder_keys_values_and_fix(tmp_path, sample_recipe):
     final = _fake_final(tmp_path / "final", r=4, lora_alpha=8,
-                        target_modules=lora_target_regex(LoraConfig(target_modules=["v_proj", "q_proj"])))
+                        target_modules=lora_target_regex(LoraConfig(target_modules=["v_proj", "q_proj"]), LLAVA))
     recipe = _recipe(sample_recipe)
     with pytest.raises(ConfigError) as err:
         check_continued_adapter(recipe.stage("instruct"), recipe.lora, final)
@@ -71,7 +74,7 @@ def test_only_a_stage_that_continues_training_the_adapter_is_checked(tmp_path, s
 
 def test_lora_settings_reads_our_regex_a_list_or_a_foreign_regex():
     cfg = {"r": 8, "lora_alpha": 16, "lora_dropout": 0.1}
-    ours = lora_target_regex(LoraConfig(target_modules=["v_proj", "q_proj"]))
+    ours = lora_target_regex(LoraConfig(target_modules=["v_proj", "q_proj"]), LLAVA)
     assert lora_settings({**cfg, "target_modules": ours}) == {"r": 8, "alpha": 16, "dropout": 0.1,
                                                               "target_modules": ["q_proj", "v_proj"]}
     assert lora_settings({**cfg, "target_modules": {"v_proj", "q_proj"}})["target_modules"] == ["q_proj", "v_proj"]
