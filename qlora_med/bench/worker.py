@@ -84,7 +84,7 @@ def build_trainer(payload: dict, callbacks: list, workdir: Path):
     dataset, _ = build_stage_dataset(stage, processor, images.tokens, model_cfg.image_token,
                                      payload["seed"], workdir / "data")  # fmt: skip
     collator = VisionCollator(processor, model_cfg.image_aspect, images=images)
-    recorder = Recorder(PaddingFreeCollator(collator) if stage.padding_free else collator)
+    recorder = Recorder(PaddingFreeCollator(collator) if setup.padding_free else collator)
     args = sft_config(stage, workdir / "out", payload["seed"], dtype, "none")
     args.train_sampling_strategy = "sequential"
     args.disable_tqdm = True

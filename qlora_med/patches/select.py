@@ -42,11 +42,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from qlora_med.config.families import BY_MODEL_TYPE
 from qlora_med.config.schema import KernelsConfig
 from qlora_med.errors import ConfigError
 from qlora_med.kernels.linear_ce import CHUNK_BYTES, default_chunk_size
 from qlora_med.kernels.nf4_lora import interpreter_enabled
-from qlora_med.patches.chunked_loss import patch_causal_lm_loss
+from qlora_med.patches.chunked_loss import lm_backbone_and_head, patch_causal_lm_loss
 from qlora_med.patches.handle import PatchHandle, unwrap_model
 from qlora_med.patches.liger import apply_liger_kernels
 from qlora_med.patches.nf4_lora import patch_nf4_lora
@@ -97,11 +98,32 @@ def resolve_nf4_lora(mode: str, device: torch.device) -> str | None:
     return backend
 
 
-def resolve_loss(mode: str, device: torch.device) -> str:
-    """``auto`` -> ``chunked`` on CPU, ``trl`` on CUDA; other modes as given."""
+def chunked_loss_blocker(model: nn.Module) -> str:
+    """Why the chunked loss cannot serve this model ("" when it can): its family's entry in the family table,
+    or a head the chunked loss cannot reproduce (quantized, softcapped logits)."""
+    inner = unwrap_model(model)
+    family = BY_MODEL_TYPE.get(getattr(inner.config, "model_type", None))
+    if family is not None and family.chunked_loss:
+        return family.chunked_loss
+    try:
+        lm_backbone_and_head(inner)
+    except ValueError as err:
+        return str(err)
+    return ""
+
+
+def resolve_loss(mode: str, device: torch.device, model: nn.Module | None = None) -> str:
+    """``auto`` -> ``chunked`` on CPU, ``trl`` on CUDA (and wherever the chunked loss cannot serve the model,
+    logged); other modes as given (``chunked`` on a model it cannot serve: ConfigError)."""
     loss = mode
     if mode == "auto":
         loss = "trl" if device.type == "cuda" else "chunked"
+    blocker = chunked_loss_blocker(model) if loss == "chunked" and model is not None else ""
+    if blocker and mode == "chunked":
+        raise ConfigError(f"kernels.loss: chunked cannot serve this model ({blocker}); use kernels.loss=auto or trl")
+    if blocker:
+        logger.info("loss trl: the chunked loss is off for this model (%s)", blocker)
+        return "trl"
     logger.info("loss %s (mode=%s%s)", loss, mode, f", {device.type}" if mode == "auto" else "")
     return loss
 
@@ -148,7 +170,12 @@ def resolve_padding_free(enabled: bool, model: nn.Module) -> str | None:
     ``packed_sdpa`` (sdpa), ``varlen`` (flash-attn) or ``mask`` (eager: transformers' T x T mask, warned)."""
     if not enabled:
         return None
-    attn_implementation = unwrap_model(model).config.get_text_config()._attn_implementation
+    config = unwrap_model(model).config
+    family = BY_MODEL_TYPE.get(getattr(config, "model_type", None))
+    if family is not None and family.padding_free:
+        logger.warning("padding-free batches: off for %s, padded batches instead (%s)", family.name, family.padding_free)
+        return None
+    attn_implementation = config.get_text_config()._attn_implementation
     if attn_implementation in ("sdpa", PACKED_SDPA):
         logger.info("padding-free batches: packed rows, one causal SDPA call per sample (%s)", PACKED_SDPA)
         return "packed_sdpa"
@@ -173,7 +200,7 @@ class KernelSetup:
     nf4_lora: str | None
     nf4_lora_modules: int
     loss: str
-    padding_free: bool
+    padding_free: bool  # as resolved: off where the family cannot pack rows
     chunk_size: int | None = None
     handles: list[PatchHandle] = field(default_factory=list, repr=False)
 
@@ -211,12 +238,13 @@ def apply_kernels(model: nn.Module, cfg: KernelsConfig, padding_free: bool = Fal
         fused = patch_nf4_lora(model, backend=backend)
         handles.append(fused)
         n_fused = len(fused)
-    loss = resolve_loss(cfg.loss, device)
+    loss = resolve_loss(cfg.loss, device, model)
     chunk = None
     if loss == "chunked":
         chunk = resolve_chunk_size(cfg.chunk_size, model)
         handles.append(patch_causal_lm_loss(model, chunk_size=chunk, backend=resolve_loss_backend(device)))
-    if resolve_padding_free(padding_free, model) is not None:
+    padding_free = resolve_padding_free(padding_free, model) is not None
+    if padding_free:
         handles.append(enable_padding_free(model))
     setup = KernelSetup(bool(n_liger), backend, n_fused, loss, padding_free, chunk, handles)
     logger.info(

@@ -110,13 +110,17 @@ class ModelShape:
     llm: LLMShape
     vision: VisionShape | None = None
     projector: str = "mlp2x_gelu"  # mlp2x_gelu | linear
+    llm_image_tokens: int | None = None  # families whose LLM tokens per image are not the tower's patches
 
     def __post_init__(self) -> None:
         _check(self.projector in ("mlp2x_gelu", "linear"), f"unknown projector {self.projector!r}")
 
     @property
     def image_tokens(self) -> int:
-        """LLM tokens per image: one per patch (CLS dropped): 256 at 224 px, 576 at 336 px (patch 14)."""
+        """LLM tokens per image: one per patch (CLS dropped) for LLaVA: 256 at 224 px, 576 at 336 px (patch 14);
+        the family's own count otherwise (LLaVA-NeXT's tiles, Qwen's merged patches, Gemma 3's pooled 256)."""
+        if self.llm_image_tokens is not None:
+            return self.llm_image_tokens
         return self.vision.patches if self.vision else 0
 
     @property

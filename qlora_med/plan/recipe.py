@@ -7,6 +7,7 @@ import logging
 from pathlib import Path
 
 from qlora_med.config.batch import stage_batch
+from qlora_med.config.families import FAMILIES
 from qlora_med.config.model_ref import parse_model_ref
 from qlora_med.errors import ConfigError
 from qlora_med.model.source import hub_file
@@ -42,8 +43,22 @@ def shape_from_config_dict(cfg: dict, name: str = "config") -> ModelShape:
         )
     if not v:
         return ModelShape(name, llm)
+    family = cfg.get("model_type")
+    if family in ("qwen2_5_vl", "qwen2_vl"):  # dynamic resolution: planned at the family's square side
+        side, merge = FAMILIES["qwen2_5_vl"].image_side, v.get("spatial_merge_size", 2)
+        vision = VisionShape(v["depth"], v.get("embed_dim", v["hidden_size"]), v.get("intermediate_size", 4 * v["hidden_size"]),
+                             v["num_heads"], side, v["patch_size"])  # fmt: skip
+        return ModelShape(name, llm, vision, "mlp2x_gelu", vision.patches // merge**2)
+    vision = _vision_shape(v)
+    tokens = None
+    if family == "gemma3":
+        tokens = cfg.get("mm_tokens_per_image", 256)
+    elif family == "llava_next":  # any-res at the largest square grid point: base image + its tiles + newlines
+        side = max((h for h, w in cfg.get("image_grid_pinpoints", [[672, 672]]) if h == w), default=672)
+        grid = side // vision.patch_size
+        tokens = vision.patches + grid * grid + grid
     return ModelShape(
-        name, llm, _vision_shape(v), "linear" if cfg.get("projector_type") == "linear" else "mlp2x_gelu"
+        name, llm, vision, "linear" if cfg.get("projector_type") == "linear" else "mlp2x_gelu", tokens
     )
 
 

@@ -87,7 +87,7 @@ def train_stage(recipe: RecipeConfig, stage: StageConfig) -> dict:
             model=model,
             args=args,
             train_dataset=dataset,
-            data_collator=PaddingFreeCollator(collator) if stage.padding_free else collator,
+            data_collator=PaddingFreeCollator(collator) if kernels.padding_free else collator,
             processing_class=processor,
             projector_lr=stage.projector_lr,
             save_total_limit=stage.save_total_limit,

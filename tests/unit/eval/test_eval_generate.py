@@ -66,7 +66,7 @@ def test_image_preprocessing_is_the_training_collators(generator):
 
     paths = [IMAGES / "synpic32933.jpg", IMAGES / "xy_chromosome.jpg"]  # non-square: padding matters
     expected = VisionCollator(generator.processor, "pad").pixel_values([str(p) for p in paths], ["a", "b"])[0]
-    assert np.array_equal(generator.pixel_values(paths, ["a", "b"]).numpy(), expected.numpy())
+    assert np.array_equal(generator.pixel_values(paths, ["a", "b"])["pixel_values"].numpy(), expected.numpy())
 
 
 def test_eval_vqa_cli_writes_answer_file_and_resumes(run_dir, tmp_path, caplog):
