@@ -171,7 +171,9 @@ def base_model_dir(cfg: ModelConfig) -> Path:
     if cfg.tiny is not None:
         path = Path(cfg.name_or_path)
         if not (path / "config.json").is_file():
-            build_tiny(cfg.tiny, path, cfg.image_token)
+            from qlora_med.model.tiny import build_tiny_model
+
+            build_tiny_model(cfg.tiny, path, cfg.image_token)
         return path.resolve()
     from qlora_med.model.original import ensure_hf_layout, hub_tower_resolver
 

@@ -81,8 +81,8 @@ def load_processor(folder: Path | str, family: Family):
 
     try:
         return AutoProcessor.from_pretrained(folder)
-    except AttributeError as err:  # transformers' dummy VIDEO_PROCESSOR_MAPPING without torchvision
-        if "VIDEO_PROCESSOR_MAPPING" not in str(err):
+    except (AttributeError, ImportError) as err:  # transformers' video processors without torchvision
+        if "VIDEO_PROCESSOR_MAPPING" not in str(err) and "Torchvision" not in str(err):
             raise
     chat_file = Path(folder) / "chat_template.jinja"
     chat = chat_file.read_text() if chat_file.is_file() else None
@@ -119,9 +119,9 @@ def default_side(family: Family, processor) -> int | None:
     if family.image_tokens == "anyres":
         squares = [h for h, w in ip.image_grid_pinpoints if h == w]
         return max(squares) if squares else family.image_side
-    step = family.side_multiple
-    largest = int(math.isqrt(ip.max_pixels)) // step * step
-    smallest = math.ceil(math.sqrt(ip.min_pixels) / step) * step
+    step = family.side_multiple  # Qwen's pixel budget: size = {shortest_edge: min_pixels, longest_edge: max_pixels}
+    largest = int(math.isqrt(ip.size["longest_edge"])) // step * step
+    smallest = math.ceil(math.sqrt(ip.size["shortest_edge"]) / step) * step
     return max(min(family.image_side, largest), smallest)
 
 
