@@ -31,13 +31,13 @@ class ChatFormat:
 
 
 def _messages(turns: list[tuple[str, str | None]], with_image: bool, answers: list[str]) -> list[dict]:
-    messages = []
+    messages, given = [], iter(answers)
     for i, (question, answer) in enumerate(turns):
         content = [{"type": "image"}] if i == 0 and with_image else []
         content.append({"type": "text", "text": question.replace(IMAGE_MARK, "").strip()})
         messages.append({"role": "user", "content": content})
         if answer is not None:
-            messages.append({"role": "assistant", "content": [{"type": "text", "text": answers[len(messages) // 2 - 1]}]})
+            messages.append({"role": "assistant", "content": [{"type": "text", "text": next(given)}]})
     return messages
 
 
