@@ -118,14 +118,18 @@ def _processor_pads(model_dir: Path | None) -> bool:
 def _peft_setup(repo: str, model_dir: Path | None, stage: dict, recipe: dict) -> str:
     """Loading code that rebuilds the trained model: the base quantized exactly as in training, the adapter, the
     fp32 projector (see qlora_med.model.load.load_model and quantization_config)."""
-    from qlora_med.model.load import QUANT_SKIP_MODULES
+    from qlora_med.config.families import FAMILIES, family_of
 
     adapter_config = model_dir / "adapter_config.json" if model_dir is not None else None
     base = (json.loads(adapter_config.read_text()).get("base_model_name_or_path")
             if adapter_config is not None and adapter_config.is_file() else None) or stage.get("base_model")
     dtype = stage.get("compute_dtype") or "float32"
     double_quant = bool((recipe.get("model") or {}).get("double_quant", True))
-    skip = json.dumps(QUANT_SKIP_MODULES)
+    config_file = Path(base) / "config.json" if base else None
+    family = (family_of(json.loads(config_file.read_text()).get("model_type"))
+              if config_file is not None and config_file.is_file() else FAMILIES["llava"])
+    skip = json.dumps(family.quant_skip)
+    modules = json.dumps([p for p in family.connector if p != "model.image_newline"])
     quantization = {
         "nf4": f"""quantization = BitsAndBytesConfig(  # exactly training's: LLM linears in NF4, the rest full precision
     load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant={double_quant},
@@ -141,20 +145,22 @@ from huggingface_hub import hf_hub_download
 from peft import PeftModel
 from PIL import Image, ImageOps
 from safetensors.torch import load_file
-from transformers import AutoProcessor, BitsAndBytesConfig, LlavaForConditionalGeneration
+from transformers import AutoProcessor, BitsAndBytesConfig, {family.hf_class}
 
 adapter = "{repo}"  # this folder, or its Hub repo id
 base = "{base}"  # the base the adapter was trained on (adapter_config.json)
 dtype = torch.{dtype}  # the compute dtype of training
 {quantization}
-model = LlavaForConditionalGeneration.from_pretrained(base, quantization_config=quantization, dtype=dtype,
-                                                      device_map="auto")
+model = {family.hf_class}.from_pretrained(base, quantization_config=quantization, dtype=dtype,
+                                          device_map="auto")
 model = PeftModel.from_pretrained(model, adapter).eval()  # LoRA adapters of the LLM
 projector_file = (os.path.join(adapter, "projector.safetensors") if os.path.isdir(adapter)
                   else hf_hub_download(adapter, "projector.safetensors"))
-projector = model.base_model.model.model.multi_modal_projector  # trained in fp32, as it runs here
-projector.float().load_state_dict(load_file(projector_file))
-projector.register_forward_pre_hook(lambda module, args: (args[0].float(), *args[1:]))
+inner = model.base_model.model  # the transformers model under PEFT
+for name, tensor in load_file(projector_file).items():  # the connector, trained in fp32, as it runs here
+    inner.get_parameter(name).data = tensor.float()
+for path in {modules}:
+    inner.get_submodule(path).register_forward_pre_hook(lambda module, args: (args[0].float(), *args[1:]))
 if model.device.type == "cpu":  # bitsandbytes' AVX-512 BF16 inference repacking changes logits: the training forward
     for module in model.modules():
         if hasattr(module, "support_avx512bf16_for_cpu"):

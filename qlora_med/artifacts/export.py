@@ -44,6 +44,7 @@ from qlora_med.artifacts.run_dir import (
 from qlora_med.artifacts.shards import ShardWriter, canonical_key, parse_size, weight_files
 from qlora_med.errors import QloraMedError
 from qlora_med.io import atomic_dir
+from qlora_med.model.family import family_of_dir
 from qlora_med.prompts.chat_template import set_chat_template
 
 logger = logging.getLogger(__name__)
@@ -252,6 +253,20 @@ def _merged_source(source: str | Path, out: Path, options: ExportOptions) -> tup
     return tmp, tmp
 
 
+def check_family(source: str | Path, fmt: str) -> None:
+    """Refuse, in one line, a format the source's family cannot take: GGUF where the kit's writer does not know the
+    family (``Family.gguf``), the LLaVA-Med layout for anything but LLaVA 1.5."""
+    src = resolve_trained(source)
+    base = src if (src / "config.json").is_file() else Path(stage_info(src)["base_model"])
+    family = family_of_dir(base)
+    if fmt == "gguf" and family.gguf:
+        raise QloraMedError(f"export --format gguf: {family.name} ({family.title}) cannot be exported to GGUF: "
+                            f"{family.gguf}; use `qlora-med merge` for an HF checkpoint or --format peft")
+    if fmt == "llava-med" and family.name != "llava":
+        raise QloraMedError(f"export --format llava-med: the LLaVA-Med layout is LLaVA 1.5's, not {family.name}'s "
+                            f"({family.title}); use `qlora-med merge` for an HF checkpoint or --format peft")
+
+
 def export(source: str | Path, out: str | Path, options: ExportOptions) -> list[Path]:
     """Export ``source`` (run, stage output, merged dir; a LLaVA-Med export for ``hf``) to ``out``."""
     out = Path(out)
@@ -266,6 +281,7 @@ def export(source: str | Path, out: str | Path, options: ExportOptions) -> list[
         if meta.get("source") and Path(meta["source"]).is_dir():  # an HF model again: the transformers card
             write_card(out, Path(meta["source"]), kind="merged", repo=out.name)
     else:
+        check_family(source, options.format)
         merged, temporary = _merged_source(source, out, options)
         try:
             if options.format == "llava-med":

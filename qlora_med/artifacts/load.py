@@ -44,7 +44,10 @@ def load_trained(path: str | Path, compute_dtype: str = "auto", quantization: st
     otherwise, computing in the dtype it trained in unless ``compute_dtype`` names one), applies the adapter
     and the trained projector.
     """
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
+    import transformers
+
+    from qlora_med.config.families import hf_class_name
+    from qlora_med.model.family import family_of_dir, load_processor
 
     src = trained_folder(path)
     if (src / "config.json").is_file():
@@ -53,8 +56,10 @@ def load_trained(path: str | Path, compute_dtype: str = "auto", quantization: st
         info = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
         info.setdefault("template", "mistral_instruct")
         info.setdefault("image_aspect", "pad")
-        model = LlavaForConditionalGeneration.from_pretrained(src, dtype=dtype)
-        return model.eval(), AutoProcessor.from_pretrained(src), info
+        family = family_of_dir(src)
+        model_type = json.loads((src / "config.json").read_text())["model_type"]
+        model = getattr(transformers, hf_class_name(model_type)).from_pretrained(src, dtype=dtype)
+        return model.eval(), load_processor(src, family), info
     info = stage_info(src)
     if compute_dtype == "auto" and info.get("compute_dtype"):
         dtype = getattr(torch, info["compute_dtype"])  # stage.json: the torch name training used
@@ -69,6 +74,6 @@ def load_trained(path: str | Path, compute_dtype: str = "auto", quantization: st
         model = PeftModel.from_pretrained(model, src)
     load_projector(model, src)
     if (src / "tokenizer_config.json").is_file():
-        processor = AutoProcessor.from_pretrained(src)
+        processor = load_processor(src, family_of_dir(info["base_model"]))
     logger.info("loaded trained model from %s (stage %s)", src, info.get("stage"))
     return model.eval(), processor, info

@@ -53,15 +53,16 @@ from qlora_med.artifacts.run_dir import (
     stage_info,
 )
 from qlora_med.artifacts.shards import ShardWriter, canonical_key, parse_size, weight_files
+from qlora_med.config.families import hf_class_name
 from qlora_med.errors import QloraMedError
 from qlora_med.io import atomic_dir
-from qlora_med.model.load import DTYPES, QUANT_SKIP_MODULES
+from qlora_med.model.family import family_of_dir, normalise_connector_keys
+from qlora_med.model.load import DTYPES
 from qlora_med.model.processor import CLIP_PROCESSORS, image_processor_as
 from qlora_med.prompts.chat_template import set_chat_template
 
 logger = logging.getLogger(__name__)
 
-PROJECTOR_PREFIX = "model.multi_modal_projector."
 
 
 @dataclass
@@ -111,12 +112,13 @@ def nf4_roundtrip(weight: torch.Tensor, compute_dtype: torch.dtype, double_quant
 
 
 def quantized_linear_weights(base_dir: Path) -> set[str]:
-    """Canonical names of the weights that training loaded as NF4 (LLM linears; see QUANT_SKIP_MODULES)."""
-    from transformers import AutoConfig, LlavaForConditionalGeneration
+    """Canonical names of the weights that training loaded as NF4 (LLM linears; the family's quant_skip kept)."""
+    import transformers
 
+    config = transformers.AutoConfig.from_pretrained(base_dir)
     with torch.device("meta"):
-        model = LlavaForConditionalGeneration(AutoConfig.from_pretrained(base_dir))
-    skip = tuple(QUANT_SKIP_MODULES)
+        model = getattr(transformers, hf_class_name(config.model_type))(config)
+    skip = tuple(family_of_dir(base_dir).quant_skip)
     return {f"{name}.weight" for name, module in model.named_modules()
             if isinstance(module, torch.nn.Linear) and not any(name == s or name.startswith(s + ".") for s in skip)}
 
@@ -198,7 +200,7 @@ def merge_weights(src: Path, base_dir: Path, out: Path, options: MergeOptions, i
     dtype_name = options.dtype or _base_dtype(base_dir)
     dtype = DTYPES[dtype_name]
     lora = load_lora(src)
-    projector = load_file(src / PROJECTOR_FILE)
+    projector = normalise_connector_keys(load_file(src / PROJECTOR_FILE))  # full module paths
     faithful = options.nf4_faithful
     if faithful and info.get("quantization") != "nf4":
         raise QloraMedError(f"--nf4-faithful: the stage was trained with quantization={info.get('quantization')}, not nf4")
@@ -206,7 +208,7 @@ def merge_weights(src: Path, base_dir: Path, out: Path, options: MergeOptions, i
     compute_dtype = getattr(torch, info.get("compute_dtype", "float32"))
     double_quant = bool((saved_recipe(src).get("model") or {}).get("double_quant", True))
     pending = set(lora.factors) if lora else set()
-    pending_projector = {PROJECTOR_PREFIX + k for k in projector}
+    pending_projector = set(projector)
     writer = ShardWriter(out, parse_size(options.max_shard_size))
     start, rel_norms, nf4_count = time.time(), [], 0
     for shard in weight_files(base_dir):
@@ -215,7 +217,7 @@ def merge_weights(src: Path, base_dir: Path, out: Path, options: MergeOptions, i
                 tensor = handle.get_tensor(key)
                 name = canonical_key(key)
                 if name in pending_projector:
-                    new = projector[name[len(PROJECTOR_PREFIX):]]
+                    new = projector[name]
                     if new.shape != tensor.shape:
                         raise QloraMedError(f"projector {name}: trained shape {tuple(new.shape)} != base {tuple(tensor.shape)}")
                     tensor = new
