@@ -115,21 +115,39 @@ def _processor_pads(model_dir: Path | None) -> bool:
     return False
 
 
-def _peft_setup(repo: str, model_dir: Path | None, stage: dict, recipe: dict) -> str:
-    """Loading code that rebuilds the trained model: the base quantized exactly as in training, the adapter, the
-    fp32 projector (see qlora_med.model.load.load_model and quantization_config)."""
-    from qlora_med.config.families import FAMILIES, family_of
-
+def _peft_base(model_dir: Path | None, stage: dict) -> str | None:
+    """The base an adapter loads on: adapter_config.json's ``base_model_name_or_path``, else stage.json's."""
     adapter_config = model_dir / "adapter_config.json" if model_dir is not None else None
-    base = (json.loads(adapter_config.read_text()).get("base_model_name_or_path")
+    return (json.loads(adapter_config.read_text()).get("base_model_name_or_path")
             if adapter_config is not None and adapter_config.is_file() else None) or stage.get("base_model")
+
+
+def _family(model_dir: Path | None, stage: dict):
+    """The model's family (:mod:`qlora_med.config.families`): the folder's config.json (merged), else the local
+    base's, else ``qlora_med.json``'s ``family``; LLaVA 1.5 when none says."""
+    from qlora_med.config.families import BY_MODEL_TYPE, FAMILIES
+
+    for folder in (model_dir, _peft_base(model_dir, stage), stage.get("base_model")):
+        config_file = Path(folder) / "config.json" if folder else None
+        if config_file is not None and config_file.is_file():
+            model_type = json.loads(config_file.read_text()).get("model_type")
+            if model_type in BY_MODEL_TYPE:  # a LLaVA-Med export's config says llava_mistral: its base decides
+                return BY_MODEL_TYPE[model_type]
+    meta_file = model_dir / META_FILE if model_dir is not None else None
+    name = json.loads(meta_file.read_text()).get("family") if meta_file is not None and meta_file.is_file() else None
+    return FAMILIES.get(name or "llava", FAMILIES["llava"])
+
+
+def _peft_setup(repo: str, model_dir: Path | None, stage: dict, recipe: dict) -> str:
+    """Loading code that rebuilds the trained model: the base quantized exactly as in training (the family's class),
+    the adapter, the fp32 connector by full module path (see qlora_med.model.load.load_model and
+    quantization_config)."""
+    base = _peft_base(model_dir, stage)
     dtype = stage.get("compute_dtype") or "float32"
     double_quant = bool((recipe.get("model") or {}).get("double_quant", True))
-    config_file = Path(base) / "config.json" if base else None
-    family = (family_of(json.loads(config_file.read_text()).get("model_type"))
-              if config_file is not None and config_file.is_file() else FAMILIES["llava"])
+    family = _family(model_dir, stage)
     skip = json.dumps(family.quant_skip)
-    modules = json.dumps([p for p in family.connector if p != "model.image_newline"])
+    connector = json.dumps(list(family.connector))
     quantization = {
         "nf4": f"""quantization = BitsAndBytesConfig(  # exactly training's: LLM linears in NF4, the rest full precision
     load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant={double_quant},
@@ -152,15 +170,19 @@ base = "{base}"  # the base the adapter was trained on (adapter_config.json)
 dtype = torch.{dtype}  # the compute dtype of training
 {quantization}
 model = {family.hf_class}.from_pretrained(base, quantization_config=quantization, dtype=dtype,
-                                          device_map="auto")
+{" " * len(f"model = {family.hf_class}.from_pretrained(")}device_map="auto")
 model = PeftModel.from_pretrained(model, adapter).eval()  # LoRA adapters of the LLM
 projector_file = (os.path.join(adapter, "projector.safetensors") if os.path.isdir(adapter)
                   else hf_hub_download(adapter, "projector.safetensors"))
 inner = model.base_model.model  # the transformers model under PEFT
-for name, tensor in load_file(projector_file).items():  # the connector, trained in fp32, as it runs here
+state = load_file(projector_file)  # the connector, trained in fp32, by full module path
+for name, tensor in state.items():
     inner.get_parameter(name).data = tensor.float()
-for path in {modules}:
-    inner.get_submodule(path).register_forward_pre_hook(lambda module, args: (args[0].float(), *args[1:]))
+modules = dict(inner.named_modules())
+for path in {connector}:  # the connector's modules run in fp32, fed and read in the compute dtype
+    if path in modules:  # (a connector parameter such as LLaVA-NeXT's image_newline is no module)
+        modules[path].register_forward_pre_hook(lambda module, args: (args[0].float(), *args[1:]))
+        modules[path].register_forward_hook(lambda module, args, out: out.to(dtype) if torch.is_tensor(out) else out)
 if model.device.type == "cpu":  # bitsandbytes' AVX-512 BF16 inference repacking changes logits: the training forward
     for module in model.modules():
         if hasattr(module, "support_avx512bf16_for_cpu"):
@@ -180,9 +202,62 @@ def _bnb_cpu_affected(base: str | None) -> bool:
     return any(w % 64 for w in widths if w)
 
 
+def _image_side(model_dir: Path | None, stage: dict) -> int | None:
+    """The square side training resized images to (any-res / dynamic families): ``qlora_med.json``'s ``image_size``
+    (merge and export record the recipe's, else the family default), else stage.json's."""
+    meta_file = model_dir / META_FILE if model_dir is not None else None
+    meta = json.loads(meta_file.read_text()) if meta_file is not None and meta_file.is_file() else {}
+    return meta.get("image_size") or stage.get("image_size")
+
+
+def _image_mean(model_dir: Path | None) -> list[float] | None:
+    """The saved image processor's normalisation mean (the colour training padded with)."""
+    for name in ("processor_config.json", "preprocessor_config.json"):
+        path = model_dir / name if model_dir is not None else None
+        if path is not None and path.is_file():
+            config = json.loads(path.read_text())
+            mean = config.get("image_processor", config).get("image_mean")
+            if mean:
+                return mean
+    return None
+
+
+def _square_code(family, image_aspect: str, model_dir: Path | None, stage: dict) -> tuple[str, str]:
+    """Code that makes an image what a non-LLaVA-1.5 family trained on (its processor is kept as saved), and the
+    sentence that says so: padded to a square with the processor's mean colour (or centre-cropped with
+    ``image_aspect: crop``), then, for any-res / dynamic families, resized to the recorded ``image_size``."""
+    from qlora_med.data.images import pad_colour
+
+    side = _image_side(model_dir, stage) if family.image_tokens != "fixed" else None
+    if image_aspect == "pad":
+        colour = pad_colour(_image_mean(model_dir) or (0.5, 0.5, 0.5))
+        code = f"""square = Image.new("RGB", (max(image.size),) * 2, {colour})  # as training: padded to a square
+square.paste(image, ((square.width - image.width) // 2, (square.height - image.height) // 2))"""
+        text = (f"Training padded every image to a square with the image processor's mean colour {colour} "
+                "(`image_aspect: pad`)")
+    else:
+        code = """crop = min(image.size)  # as training: the centred square
+left, top = (image.width - crop) // 2, (image.height - crop) // 2
+square = image.crop((left, top, left + crop, top + crop))"""
+        text = "Training centre-cropped every image to a square (`image_aspect: crop`)"
+    if side:
+        code += f"""
+image = square.resize(({side}, {side}), Image.Resampling.BICUBIC)  # model.image_size: training's tokens per image"""
+        text += f" and resized it to {side}x{side} px (bicubic, `model.image_size`), so each image gives the same tokens"
+    else:
+        code += "\nimage = square"
+    text += " before the model's own image processor (saved as it was); the code above does the same."
+    return code, text
+
+
 def _python_usage(kind: str, repo: str, image_aspect: str, model_dir: Path | None, stage: dict, recipe: dict) -> str:
     """Plain transformers (+ PEFT) code, tested to reproduce the kit's prompts, pixels and logits."""
-    if image_aspect != "pad":
+    family = _family(model_dir, stage)
+    prepare = ""
+    if family.name != "llava":
+        prepare, pad = _square_code(family, image_aspect, model_dir, stage)
+        prepare = "\n" + prepare
+    elif image_aspect != "pad":
         pad = "Images were resized and centre-cropped by the image processor in training, as it does here."
     elif _processor_pads(model_dir):
         pad = ("The saved image processor pads non-square images to a square with the mean colour itself "
@@ -201,15 +276,15 @@ def _python_usage(kind: str, repo: str, image_aspect: str, model_dir: Path | Non
                     "bitsandbytes does not), so there the logits differ from training's; a GPU computes them right.")
     else:
         setup = f"""from PIL import Image, ImageOps
-from transformers import AutoProcessor, LlavaForConditionalGeneration
+from transformers import AutoProcessor, {family.hf_class}
 
-model = LlavaForConditionalGeneration.from_pretrained("{repo}", device_map="auto").eval()
+model = {family.hf_class}.from_pretrained("{repo}", device_map="auto").eval()
 processor = AutoProcessor.from_pretrained("{repo}")
 dtype = model.dtype"""
     return f"""```python
 {setup}
 
-image = ImageOps.exif_transpose(Image.open("scan.png")).convert("RGB")
+image = ImageOps.exif_transpose(Image.open("scan.png")).convert("RGB"){prepare}
 messages = [{{"role": "user", "content": [{{"type": "image"}}, {{"type": "text", "text": "What does this image show?"}}]}}]
 prompt = processor.apply_chat_template(messages, add_generation_prompt=True)  # the training template
 inputs = processor(images=image, text=prompt, add_special_tokens=False, return_tensors="pt").to(model.device, dtype=dtype)
@@ -254,10 +329,12 @@ def build_card(src: Path, kind: str, model_dir: Path | None = None, options: Car
         base_model=base_models or None, datasets=options.datasets or None, tags=TAGS,
         pipeline_tag="image-text-to-text",
     )
+    family = _family(model_dir, last)
     lines = [f"---\n{data.to_yaml()}\n---", "", f"# {repo.split('/')[-1]}", "",
-             f"A LLaVA-style biomedical vision-language assistant fine-tuned with qlora-med: the CLIP vision "
-             f"tower frozen, the projector fully trained, the LLM trained with QLoRA (NF4 base + LoRA "
-             f"adapters). Format: **{kind}**.", "", "## Intended use and limitations", "", NOTICE, ""]
+             f"A biomedical vision-language assistant ({family.title}) fine-tuned with qlora-med: the vision "
+             f"tower frozen, the projector (`{'`, `'.join(family.connector)}`) fully trained, the LLM trained with "
+             f"QLoRA (NF4 base + LoRA adapters). Format: **{kind}**.", "", "## Intended use and limitations", "",
+             NOTICE, ""]
     lines += ["## Base models", ""]
     lines += [f"- `{m}`" for m in base_models] or [f"- `{last.get('base_model')}` (local path at training time)"]
     merge_line = _merge_line(model_dir)

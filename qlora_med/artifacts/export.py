@@ -1,19 +1,22 @@
-"""Export a trained run as a PEFT adapter, an original LLaVA-Med v1.5 checkpoint, or GGUF for llama.cpp.
+"""Export a trained run as a PEFT adapter, a merged HF checkpoint, an original LLaVA-Med v1.5 checkpoint, or GGUF.
 
 * ``peft``: ``adapter_model.safetensors`` + ``adapter_config.json`` (loads with
-  ``PeftModel.from_pretrained`` on the HF LLaVA base), ``projector.safetensors``, processor files with
-  the training chat template (and an image processor that pads like training, see
-  :func:`qlora_med.artifacts.merge.padding_processor`), and a README whose code rebuilds the trained model.
-* ``llava-med``: the layout of ``microsoft/llava-med-v1.5-mistral-7b`` (LLaVA's ``llava_mistral``):
+  ``PeftModel.from_pretrained`` on the base, with the family's transformers class), ``projector.safetensors``
+  (the connector by full module path), processor files with the training chat template (for LLaVA 1.5 an image
+  processor that pads like training, see :func:`qlora_med.artifacts.merge.padding_processor`), and a README whose
+  code rebuilds the trained model.
+* ``hf``: a transformers checkpoint of any family: a run or stage output is merged (as ``qlora-med merge``), a merged
+  folder copied, and a ``llava-med`` export converted back to an HF LLaVA dir (:func:`llava_med_to_hf`).
+* ``llava-med`` (LLaVA 1.5 only): the layout of ``microsoft/llava-med-v1.5-mistral-7b`` (LLaVA's ``llava_mistral``):
   LLM keys ``model.*`` / ``lm_head.weight``, projector ``model.mm_projector.{0,2}.*`` (``mlp2x_gelu``),
   vision tower ``model.vision_tower.vision_tower.vision_model.*`` (LLaVA-Med checkpoints carry it;
   its code loads the tower by the name in ``mm_vision_tower``), and a config with the ``mm_*`` keys of
   ``llava/model/llava_arch.py``. The HF config is kept under ``qlora_med_hf_config`` so
   :func:`llava_med_to_hf` restores the HF checkpoint tensor for tensor.
-* ``gguf``: see :mod:`qlora_med.artifacts.gguf`.
-* ``hf``: a ``llava-med`` export back to an HF LLaVA dir (:func:`llava_med_to_hf`).
+* ``gguf`` (LLaVA 1.5 only): see :mod:`qlora_med.artifacts.gguf`.
 
-``llava-med`` and ``gguf`` start from a merged model; given a run, they merge it first (to a
+Other families are refused in one line for ``llava-med`` and ``gguf`` (:func:`check_family`), before anything is
+merged. ``llava-med`` and ``gguf`` start from a merged model; given a run, they merge it first (to a
 temporary directory next to ``out``), onto the original base or, with ``nf4_faithful``, onto the
 NF4-round-tripped one (the weights training and evaluation saw); the README says which.
 """
@@ -28,10 +31,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from qlora_med.artifacts.card import write_card
-from qlora_med.artifacts.gguf import export_gguf
-from qlora_med.artifacts.merge import MergeOptions, clip_processor, merge, padding_processor
+from qlora_med.artifacts.gguf import check_gguf_family, export_gguf
+from qlora_med.artifacts.merge import MergeOptions, clip_processor, merge, saved_processor
 from qlora_med.artifacts.run_dir import (
     ADAPTER_CONFIG_FILE,
     ADAPTER_FILE,
@@ -44,8 +48,7 @@ from qlora_med.artifacts.run_dir import (
 from qlora_med.artifacts.shards import ShardWriter, canonical_key, parse_size, weight_files
 from qlora_med.errors import QloraMedError
 from qlora_med.io import atomic_dir
-from qlora_med.model.family import family_of_dir
-from qlora_med.prompts.chat_template import set_chat_template
+from qlora_med.model.family import family_of_dir, normalise_connector_keys
 
 logger = logging.getLogger(__name__)
 
@@ -116,26 +119,27 @@ def _check_out(out: Path, overwrite: bool) -> None:
 
 
 def export_peft(source: str | Path, out: Path, options: ExportOptions) -> Path:
-    """The adapter + projector of a stage, loadable with PEFT on the HF LLaVA base."""
-    from transformers import AutoProcessor
-
+    """The adapter + projector of a stage, loadable with PEFT on the base (the family's transformers class)."""
     src = resolve_trained(source)
     if (src / "config.json").is_file() or not (src / ADAPTER_FILE).is_file():
         raise QloraMedError(f"{src}: --format peft needs a stage output with a LoRA adapter (a run, final/ or checkpoint-N/)")
     info = stage_info(src)
+    if not (Path(info["base_model"]) / "config.json").is_file():
+        raise QloraMedError(f"{src}: base model {info['base_model']} (stage.json base_model) is missing; the export "
+                            "reads its family and processor from it")
+    family = family_of_dir(info["base_model"])
     with atomic_dir(out) as tmp:
-        for name in (ADAPTER_FILE, PROJECTOR_FILE):
-            shutil.copy(src / name, tmp / name)
+        shutil.copy(src / ADAPTER_FILE, tmp / ADAPTER_FILE)
+        # full module paths, also for a LLaVA run written before the family table (keys inside the projector)
+        projector = normalise_connector_keys(load_file(src / PROJECTOR_FILE))
+        save_file(projector, tmp / PROJECTOR_FILE, metadata={"format": "pt"})
         adapter_cfg = json.loads((src / ADAPTER_CONFIG_FILE).read_text())
         adapter_cfg["base_model_name_or_path"] = options.base_model_id or info["base_model"]
         (tmp / ADAPTER_CONFIG_FILE).write_text(json.dumps(adapter_cfg, indent=2) + "\n")
-        processor = AutoProcessor.from_pretrained(src if (src / "tokenizer_config.json").is_file() else info["base_model"])
-        image_token = getattr(processor, "image_token", "<image>")
-        set_chat_template(processor, info["template"], image_token)
-        padding_processor(processor, info.get("image_aspect", "pad")).save_pretrained(tmp)
-        meta = {"template": info["template"], "image_aspect": info.get("image_aspect", "pad"), "image_token": image_token,
-                "source": str(src.resolve()), "base_model": adapter_cfg["base_model_name_or_path"], "format": "peft",
-                "stages": [s.get("stage") for s in stage_chain(src)]}
+        processor, meta = saved_processor(src, Path(info["base_model"]), family, info)
+        processor.save_pretrained(tmp)
+        meta = {**meta, "source": str(src.resolve()), "base_model": adapter_cfg["base_model_name_or_path"],
+                "format": "peft", "stages": [s.get("stage") for s in stage_chain(src)]}
         (tmp / META_FILE).write_text(json.dumps(meta, indent=1) + "\n")
         write_card(tmp, src, kind="peft", repo=out.name)
     return out
@@ -196,6 +200,7 @@ def hf_to_llava_med(merged: Path, out: Path, vision_tower_name: str | None = Non
     """Convert a merged HF LLaVA dir to the original LLaVA-Med layout (streams shard by shard)."""
     from transformers import AutoProcessor
 
+    check_llava_med_family(merged)
     hf_config = json.loads((merged / "config.json").read_text())
     meta = json.loads((merged / META_FILE).read_text()) if (merged / META_FILE).is_file() else {}
     with atomic_dir(out) as tmp:
@@ -253,18 +258,55 @@ def _merged_source(source: str | Path, out: Path, options: ExportOptions) -> tup
     return tmp, tmp
 
 
+def check_llava_med_family(model_dir: Path) -> None:
+    """Refuse, in one line, a model (merged folder or base) that is not LLaVA 1.5: the LLaVA-Med layout is its."""
+    family = family_of_dir(model_dir)
+    if family.name != "llava":
+        raise QloraMedError(f"export --format llava-med: the original LLaVA-Med layout holds LLaVA 1.5 only, not "
+                            f"{family.name} ({family.title}); use `qlora-med export --format hf` for a merged "
+                            "transformers checkpoint (or --format peft)")
+
+
 def check_family(source: str | Path, fmt: str) -> None:
     """Refuse, in one line, a format the source's family cannot take: GGUF where the kit's writer does not know the
-    family (``Family.gguf``), the LLaVA-Med layout for anything but LLaVA 1.5."""
+    family (``Family.gguf``), the LLaVA-Med layout for anything but LLaVA 1.5. Reads config.json only."""
     src = resolve_trained(source)
     base = src if (src / "config.json").is_file() else Path(stage_info(src)["base_model"])
-    family = family_of_dir(base)
-    if fmt == "gguf" and family.gguf:
-        raise QloraMedError(f"export --format gguf: {family.name} ({family.title}) cannot be exported to GGUF: "
-                            f"{family.gguf}; use `qlora-med merge` for an HF checkpoint or --format peft")
-    if fmt == "llava-med" and family.name != "llava":
-        raise QloraMedError(f"export --format llava-med: the LLaVA-Med layout is LLaVA 1.5's, not {family.name}'s "
-                            f"({family.title}); use `qlora-med merge` for an HF checkpoint or --format peft")
+    if not (base / "config.json").is_file():
+        return  # a base that moved: merge names it (and --base)
+    if fmt == "gguf":
+        check_gguf_family(base)
+    elif fmt == "llava-med":
+        check_llava_med_family(base)
+
+
+def _is_llava_med(folder: Path) -> bool:
+    config = folder / "config.json"
+    return config.is_file() and HF_CONFIG_KEY in json.loads(config.read_text())
+
+
+def export_hf(source: str | Path, out: Path, options: ExportOptions) -> Path:
+    """A transformers checkpoint of any family: a LLaVA-Med export converted back, a merged folder copied (as it is:
+    ``dtype`` applies to a merge), a run or stage output merged (``options.dtype``, ``nf4_faithful`` and the shard
+    size as for ``qlora-med merge``)."""
+    if _is_llava_med(Path(source)):
+        llava_med_to_hf(Path(source), out, options.max_shard_size)
+        meta = json.loads((out / META_FILE).read_text()) if (out / META_FILE).is_file() else {}
+        if meta.get("source") and Path(meta["source"]).is_dir():  # an HF model again: the transformers card
+            write_card(out, Path(meta["source"]), kind="merged", repo=out.name)
+        return out
+    src = resolve_trained(source)
+    if (src / "config.json").is_file():
+        merged, _ = _merged_source(src, out, options)  # refuses --nf4-faithful on an original merge
+        with atomic_dir(out) as tmp:
+            shutil.copytree(merged, tmp, dirs_exist_ok=True)
+            meta = json.loads((tmp / META_FILE).read_text()) if (tmp / META_FILE).is_file() else {}
+            if meta.get("source") and Path(meta["source"]).is_dir():  # the card names the new folder
+                write_card(tmp, Path(meta["source"]), kind="merged", repo=out.name)
+        return out
+    merge(src, out, MergeOptions(dtype=options.dtype, nf4_faithful=options.nf4_faithful,
+                                 max_shard_size=options.max_shard_size, overwrite=options.overwrite))
+    return out
 
 
 def export(source: str | Path, out: str | Path, options: ExportOptions) -> list[Path]:
@@ -276,10 +318,7 @@ def export(source: str | Path, out: str | Path, options: ExportOptions) -> list[
     if options.format == "peft":
         export_peft(source, out, options)
     elif options.format == "hf":
-        llava_med_to_hf(Path(source), out, options.max_shard_size)
-        meta = json.loads((out / META_FILE).read_text()) if (out / META_FILE).is_file() else {}
-        if meta.get("source") and Path(meta["source"]).is_dir():  # an HF model again: the transformers card
-            write_card(out, Path(meta["source"]), kind="merged", repo=out.name)
+        export_hf(source, out, options)
     else:
         check_family(source, options.format)
         merged, temporary = _merged_source(source, out, options)

@@ -15,6 +15,9 @@ ids, chat template) is :mod:`qlora_med.artifacts.gguf_vocab`; what else ``gguf``
 
 Both files are written in two passes (tensor infos from the safetensors headers, then the data
 tensor by tensor), so memory stays at one tensor.
+
+Only LLaVA 1.5 is written: a family whose :attr:`~qlora_med.config.families.Family.gguf` gives a reason is refused in
+one line (:func:`check_gguf_family`) before anything is merged or written.
 """
 
 from __future__ import annotations
@@ -32,11 +35,21 @@ from safetensors import safe_open
 from qlora_med.artifacts.gguf_vocab import add_vocab
 from qlora_med.artifacts.shards import canonical_key, weight_files
 from qlora_med.errors import QloraMedError
+from qlora_med.model.family import family_of_dir
 
 logger = logging.getLogger(__name__)
 
 _TYPES = {"fp32": "f32", "fp16": "f16", "bf16": "bf16", None: "f16"}
 _LLM_PREFIX, _VISION_PREFIX, _PROJ_PREFIX = "model.language_model.", "model.vision_tower.", "model.multi_modal_projector."
+
+
+def check_gguf_family(model_dir: Path) -> None:
+    """Refuse, in one line naming the family and why, a model (merged folder or base) the GGUF writer cannot hold."""
+    family = family_of_dir(model_dir)
+    if family.gguf:
+        raise QloraMedError(f"export --format gguf: {family.name} ({family.title}) cannot be exported to GGUF: "
+                            f"{family.gguf}; use `qlora-med export --format hf` for a merged transformers checkpoint "
+                            "(or --format peft)")
 
 
 def permute_rotary(weight: torch.Tensor, n_head: int) -> torch.Tensor:
@@ -231,6 +244,7 @@ def write_mmproj(merged: Path, path: Path, qtype: str, name: str) -> Path:
 
 def export_gguf(merged: Path, out: Path, dtype: str | None = None, name: str | None = None) -> list[Path]:
     """Write ``llm-<type>.gguf`` and ``mmproj-<type>.gguf`` (plus the README) to ``out``."""
+    check_gguf_family(merged)
     qtype = _TYPES[dtype]
     logging.getLogger("gguf").setLevel(max(logging.WARNING, logging.getLogger().level))  # it logs the whole template
     out.mkdir(parents=True, exist_ok=True)

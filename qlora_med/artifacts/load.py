@@ -36,17 +36,37 @@ def trained_folder(path: str | Path) -> Path:
     return resolve_trained(model_folder(path))
 
 
+def folder_processor(folder: Path, family):
+    """:func:`qlora_med.model.family.load_processor` of ``folder``, also where it is a stage's ``final/``: processor
+    files without config.json, where ``AutoProcessor`` cannot tell the family and, for a processor saved as tokenizer
+    + image processor (Qwen2-VL's, see ``ImageTextProcessor``), returns the bare tokenizer. That gets the image
+    processor beside it (and the saved chat template) back."""
+    from transformers import AutoImageProcessor
+
+    from qlora_med.model.family import ImageTextProcessor, load_processor
+
+    processor = load_processor(folder, family)
+    if hasattr(processor, "image_processor"):
+        return processor
+    chat_file = Path(folder) / "chat_template.jinja"
+    logger.info("%s: processor built from its tokenizer and image processor", folder)
+    return ImageTextProcessor(AutoImageProcessor.from_pretrained(folder), processor,
+                              chat_file.read_text() if chat_file.is_file() else None, family.image_token)
+
+
 def load_trained(path: str | Path, compute_dtype: str = "auto", quantization: str | None = None):
     """Return ``(model, processor, info)`` ready for generation (eval mode).
 
-    ``info`` holds at least ``template`` and ``image_aspect``. A merged model loads directly;
+    ``info`` holds at least ``template`` and ``image_aspect``. A merged model loads directly, with its family's
+    transformers class (:func:`qlora_med.config.families.hf_class_name`) and processor
+    (:func:`qlora_med.model.family.load_processor`);
     a stage output loads its base (quantized as in training unless ``quantization`` says
     otherwise, computing in the dtype it trained in unless ``compute_dtype`` names one), applies the adapter
     and the trained projector.
     """
     import transformers
 
-    from qlora_med.config.families import hf_class_name
+    from qlora_med.config.families import CHAT_TEMPLATE, hf_class_name
     from qlora_med.model.family import family_of_dir, load_processor
 
     src = trained_folder(path)
@@ -54,9 +74,10 @@ def load_trained(path: str | Path, compute_dtype: str = "auto", quantization: st
         dtype = resolve_compute_dtype(compute_dtype)
         meta_file = src / META_FILE
         info = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
-        info.setdefault("template", "mistral_instruct")
+        family = family_of_dir(src)  # one line naming the supported families for any other model_type
+        # a base without qlora_med.json: LLaVA 1.5 releases have no chat template, the others bring their own
+        info.setdefault("template", "mistral_instruct" if family.name == "llava" else CHAT_TEMPLATE)
         info.setdefault("image_aspect", "pad")
-        family = family_of_dir(src)
         model_type = json.loads((src / "config.json").read_text())["model_type"]
         model = getattr(transformers, hf_class_name(model_type)).from_pretrained(src, dtype=dtype)
         return model.eval(), load_processor(src, family), info
@@ -73,7 +94,7 @@ def load_trained(path: str | Path, compute_dtype: str = "auto", quantization: st
 
         model = PeftModel.from_pretrained(model, src)
     load_projector(model, src)
-    if (src / "tokenizer_config.json").is_file():
-        processor = load_processor(src, family_of_dir(info["base_model"]))
+    if (src / "tokenizer_config.json").is_file():  # the stage's processor: the training chat template
+        processor = folder_processor(src, family_of_dir(info["base_model"]))
     logger.info("loaded trained model from %s (stage %s)", src, info.get("stage"))
     return model.eval(), processor, info

@@ -1,4 +1,4 @@
-"""Merge a trained stage (LoRA adapter + projector) into a full-precision HF LLaVA checkpoint.
+"""Merge a trained stage (LoRA adapter + projector) into a full-precision HF checkpoint of its family.
 
 The merge math, for every adapted linear layer with frozen base weight ``W`` (d_out x d_in), LoRA
 factors ``A`` (r x d_in) and ``B`` (d_out x r), and scale ``s = alpha / r`` (``alpha / sqrt(r)`` with
@@ -18,9 +18,14 @@ rsLoRA)::
   layer, adapted or not. The merged model then reproduces the evaluated adapter model up to float
   rounding, at the cost of keeping the 4-bit rounding of the base in 16-bit weights.
 
-Everything else (embeddings, norms, lm_head, vision tower) is copied; the projector is replaced by
-the trained ``projector.safetensors``. The processor saved with it pads non-square images to a square itself
-(:func:`padding_processor`), so plain transformers preprocesses images as training did. The merge streams: one input shard is read (``safe_open``),
+Everything else (embeddings, norms, lm_head, vision tower) is copied; the connector (the family's "projector":
+LLaVA's ``multi_modal_projector``, LLaVA-NeXT's plus ``image_newline``, Qwen's ``visual.merger``, Gemma 3's
+``multi_modal_projector``) is replaced by the trained ``projector.safetensors``, keyed by full module path (LLaVA
+runs written before the family table keyed it inside the projector; both merge). The config and the model class come
+from the base (:mod:`qlora_med.config.families`). For LLaVA 1.5 the processor saved with it pads non-square images to
+a square itself (:func:`padding_processor`), so plain transformers preprocesses images as training did; the other
+families keep the processor as saved, and the model card says how training padded and resized the images (to
+``image_size``, recorded in ``qlora_med.json``). The merge streams: one input shard is read (``safe_open``),
 transformed tensor by tensor into an output buffer that is written whenever it reaches
 ``max_shard_size`` (2 GB by default), so peak memory is about one input shard plus one output shard
 (``benchmarks/merge_memory.py`` measures it). Keys keep the base checkpoint's on-disk names.
@@ -53,16 +58,15 @@ from qlora_med.artifacts.run_dir import (
     stage_info,
 )
 from qlora_med.artifacts.shards import ShardWriter, canonical_key, parse_size, weight_files
-from qlora_med.config.families import hf_class_name
+from qlora_med.config.families import Family, hf_class_name
 from qlora_med.errors import QloraMedError
 from qlora_med.io import atomic_dir
-from qlora_med.model.family import family_of_dir, normalise_connector_keys
+from qlora_med.model.family import default_side, family_of_dir, normalise_connector_keys
 from qlora_med.model.load import DTYPES
 from qlora_med.model.processor import CLIP_PROCESSORS, image_processor_as
 from qlora_med.prompts.chat_template import set_chat_template
 
 logger = logging.getLogger(__name__)
-
 
 
 @dataclass
@@ -256,26 +260,42 @@ def _write(path: Path, text: str) -> None:
     path.write_text(text)  # inside an atomic_dir: the whole directory appears at once
 
 
-def write_support_files(src: Path, base_dir: Path, out: Path, result: MergeResult, info: dict, name: str) -> None:
-    """config, generation config, processor (trained chat template, padding image processor), qlora_med.json,
-    README."""
-    from transformers import AutoProcessor
+def saved_processor(src: Path, base_dir: Path, family: Family, info: dict):
+    """The processor a merged or exported model ships (the stage's, else the base's) with the training chat template,
+    and the ``qlora_med.json`` fields that describe its prompts and images.
 
+    LLaVA 1.5 trained with ``image_aspect: pad`` gets the image processor that pads to a square itself
+    (:func:`padding_processor`). Other families keep their processor as saved: training padded (or cropped) each image
+    to a square and, for any-res / dynamic families, resized it to ``image_size`` px (the recipe's
+    ``model.image_size``, else the family default) before it; the card documents that.
+    """
+    from qlora_med.artifacts.load import folder_processor
+
+    processor = folder_processor(src if (src / "tokenizer_config.json").is_file() else base_dir, family)
+    image_token = getattr(processor, "image_token", None) or family.image_token
+    set_chat_template(processor, info["template"], image_token)
+    aspect = info.get("image_aspect", "pad")
+    if family.name == "llava":
+        processor = padding_processor(processor, aspect)
+    side = info.get("image_size") or default_side(family, processor)
+    meta = {"template": info["template"], "image_aspect": aspect, "image_token": image_token, "family": family.name,
+            "image_size": side}
+    return processor, meta
+
+
+def write_support_files(src: Path, base_dir: Path, out: Path, result: MergeResult, info: dict, name: str) -> None:
+    """config, generation config, processor (trained chat template; LLaVA 1.5: the padding image processor),
+    qlora_med.json, README."""
     config = json.loads((base_dir / "config.json").read_text())
     config.pop("torch_dtype", None)
     config["dtype"] = str(DTYPES[result.dtype]).removeprefix("torch.")
     _write(out / "config.json", json.dumps(config, indent=2) + "\n")
     if (base_dir / "generation_config.json").is_file():
         shutil.copy(base_dir / "generation_config.json", out / "generation_config.json")
-    processor = AutoProcessor.from_pretrained(src if (src / "tokenizer_config.json").is_file() else base_dir)
-    image_token = getattr(processor, "image_token", "<image>")
-    set_chat_template(processor, info["template"], image_token)
-    padding_processor(processor, info.get("image_aspect", "pad")).save_pretrained(out)
-    meta = {
-        "template": info["template"], "image_aspect": info.get("image_aspect", "pad"), "image_token": image_token,
-        "source": str(src.resolve()), "base_model": str(base_dir), "merge": result.mode, "dtype": result.dtype,
-        "stages": result.stages,
-    }
+    processor, meta = saved_processor(src, base_dir, family_of_dir(base_dir), info)
+    processor.save_pretrained(out)
+    meta = {**meta, "source": str(src.resolve()), "base_model": str(base_dir), "merge": result.mode,
+            "dtype": result.dtype, "stages": result.stages}
     _write(out / META_FILE, json.dumps(meta, indent=1) + "\n")
     write_card(out, src, kind="merged", repo=name)
 

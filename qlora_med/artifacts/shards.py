@@ -1,6 +1,7 @@
-"""Safetensors shards of an HF checkpoint: key naming across LLaVA layouts, reading the shard list, writing shards.
+"""Safetensors shards of an HF checkpoint: key naming across on-disk layouts, reading the shard list, writing shards.
 
-:func:`canonical_key` maps any on-disk LLaVA key (transformers 4 or 5) to the in-memory name PEFT uses;
+:func:`canonical_key` maps any on-disk key of a supported family (transformers 4 or 5) to the in-memory name PEFT
+uses;
 :func:`weight_files` lists a checkpoint's shards in index order; :class:`ShardWriter` writes
 ``model-XXXXX-of-YYYYY.safetensors`` shards of at most ``max_bytes`` (:func:`parse_size`) plus the index.
 """
@@ -23,15 +24,19 @@ _PREFIXES = [
     (re.compile(r"^language_model\."), "model.language_model."),
     (re.compile(r"^vision_tower\."), "model.vision_tower."),
     (re.compile(r"^multi_modal_projector\."), "model.multi_modal_projector."),
+    (re.compile(r"^image_newline$"), "model.image_newline"),  # LLaVA-NeXT
+    (re.compile(r"^visual\."), "model.visual."),  # Qwen2-VL / Qwen2.5-VL: the tower and its merger
+    (re.compile(r"^model\.(embed_tokens|layers|norm)\."), r"model.language_model.\1."),  # Qwen's decoder
 ]
 
 
 def canonical_key(key: str) -> str:
-    """A checkpoint key in transformers 5's in-memory LLaVA naming (what PEFT module names use).
+    """A checkpoint key in transformers 5's in-memory naming (what PEFT module names and the family table use).
 
-    Accepts the on-disk layouts of transformers 4 and 5 (``language_model.model.*``,
-    ``language_model.lm_head.*``, ``vision_tower.[vision_model.]*``, ``multi_modal_projector.*``)
-    and the in-memory one (``model.language_model.*``, ``lm_head.*``).
+    Accepts the on-disk layouts transformers 4 and 5 write: LLaVA / LLaVA-NeXT / Gemma 3 (``language_model.model.*``,
+    ``language_model.lm_head.*``, ``vision_tower.[vision_model.]*``, ``multi_modal_projector.*``, ``image_newline``),
+    Qwen2(.5)-VL (``model.layers.*``, ``model.embed_tokens.*``, ``model.norm.*``, ``visual.*``), and the in-memory
+    one (``model.language_model.*``, ``model.visual.*``, ``lm_head.*``).
     """
     for pattern, repl in _PREFIXES:
         if pattern.match(key):

@@ -13,7 +13,7 @@ dynamic-resolution families see every image padded to a square (``model.image_as
 family's own processor computes for that size.
 
 Adding a family: one :class:`Family` entry in :data:`FAMILIES` (its ``model_types`` as config.json writes
-them), a tiny builder in ``qlora_med.model.tiny`` and its row in the test matrix (tests/integration/test_families.py).
+them), a tiny builder in ``qlora_med.model.tiny`` and its row in the test matrix (tests/integration/test_family_matrix.py).
 """
 
 from __future__ import annotations

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from transformers import ProcessorMixin
 
 from qlora_med.config.families import Family, family_of
 
@@ -53,20 +54,20 @@ def connector_modules(model: torch.nn.Module, family: Family) -> list[torch.nn.M
     return [m for name, m in model.named_modules() if _strip_wrappers(name) in family.connector]
 
 
-class ImageTextProcessor:
+class ImageTextProcessor(ProcessorMixin):
     """A tokenizer and an image processor where transformers cannot build the family's processor (Qwen2-VL's
-    needs torchvision for its video processor): what training, evaluation and export use of a processor."""
+    needs torchvision for its video processor): what training, evaluation and export use of a processor. A
+    ``ProcessorMixin`` so that trainers take it as a VLM's processor; it saves as its two parts (and the chat
+    template), so the folder loads as the family's own processor where torchvision is installed."""
 
-    def __init__(self, tokenizer, image_processor, chat_template: str | None, image_token: str) -> None:
-        self.tokenizer = tokenizer
-        self.image_processor = image_processor
-        self.chat_template = chat_template or getattr(tokenizer, "chat_template", None)
+    def __init__(self, image_processor, tokenizer, chat_template: str | None = None, image_token: str = "") -> None:
+        super().__init__(image_processor, tokenizer, chat_template=chat_template or tokenizer.chat_template)
         self.image_token = image_token
 
     def apply_chat_template(self, messages, **kwargs):
         return self.tokenizer.apply_chat_template(messages, chat_template=self.chat_template, **kwargs)
 
-    def save_pretrained(self, folder) -> None:
+    def save_pretrained(self, folder, **kwargs) -> None:
         folder = Path(folder)
         self.tokenizer.save_pretrained(folder)
         self.image_processor.save_pretrained(folder)
@@ -91,7 +92,7 @@ def load_processor(folder: Path | str, family: Family):
         "video processor; images only here)", family.name,
     )
     return ImageTextProcessor(
-        AutoTokenizer.from_pretrained(folder), AutoImageProcessor.from_pretrained(folder), chat, family.image_token
+        AutoImageProcessor.from_pretrained(folder), AutoTokenizer.from_pretrained(folder), chat, family.image_token
     )
 
 

@@ -71,16 +71,20 @@ def _llava_next(cfg: TinyModelConfig, tmp: Path) -> None:
     tile = cfg.image_size // 2  # the tower's size; the grid's largest square (the default side) is 2x2 tiles
     grid = [[tile, tile], [tile, 2 * tile], [2 * tile, tile], [2 * tile, 2 * tile]]
     config = LlavaNextConfig(
-        vision_config=_clip(cfg, tile), text_config={"model_type": "mistral", **_text(cfg, _vocab(tokenizer), tokenizer, sliding_window=None)},
+        vision_config=_clip(cfg, tile),
+        text_config={"model_type": "mistral", **_text(cfg, _vocab(tokenizer), tokenizer, sliding_window=None)},
         image_grid_pinpoints=grid, image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
         vision_feature_layer=-2, vision_feature_select_strategy="default", tie_word_embeddings=False,
     )
     _init(LlavaNextForConditionalGeneration, config, cfg).save_pretrained(tmp)
-    image_processor = LlavaNextImageProcessorPil(size={"shortest_edge": tile}, crop_size={"height": tile, "width": tile},
-                                                 image_grid_pinpoints=grid)
-    LlavaNextProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=cfg.patch_size,
-                       vision_feature_select_strategy="default", num_additional_image_tokens=1, image_token="<image>",
-                       chat_template=_jinja("llava_next_mistral")).save_pretrained(tmp)
+    image_processor = LlavaNextImageProcessorPil(
+        size={"shortest_edge": tile}, crop_size={"height": tile, "width": tile}, image_grid_pinpoints=grid
+    )
+    LlavaNextProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, patch_size=cfg.patch_size,
+        vision_feature_select_strategy="default", num_additional_image_tokens=1, image_token="<image>",
+        chat_template=_jinja("llava_next_mistral"),
+    ).save_pretrained(tmp)
 
 
 def _sample_text() -> list[str]:
@@ -123,8 +127,8 @@ def _qwen2_5_vl(cfg: TinyModelConfig, tmp: Path) -> None:
                        "out_hidden_size": cfg.text_hidden, "patch_size": cfg.patch_size, "spatial_merge_size": 2,
                        "temporal_patch_size": 2, "window_size": 2 * cfg.patch_size * 2,
                        "fullatt_block_indexes": [cfg.vision_layers - 1]},
-        text_config=_text(cfg, _vocab(tokenizer), tokenizer, rope_scaling={"type": "mrope", "mrope_section": section},
-                          tie_word_embeddings=False),
+        text_config=_text(cfg, _vocab(tokenizer), tokenizer, tie_word_embeddings=False,
+                          rope_scaling={"type": "mrope", "mrope_section": section}),
         image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
         tie_word_embeddings=False,
@@ -132,9 +136,10 @@ def _qwen2_5_vl(cfg: TinyModelConfig, tmp: Path) -> None:
     _init(Qwen2_5_VLForConditionalGeneration, config, cfg).save_pretrained(tmp)
     step = cfg.patch_size * 2
     side = cfg.image_size // step * step  # the default side: images are resized to side x side
-    image_processor = Qwen2VLImageProcessorPil(min_pixels=step * step, max_pixels=side * side, patch_size=cfg.patch_size,
-                                               merge_size=2, temporal_patch_size=2)
-    ImageTextProcessor(tokenizer, image_processor, _jinja("qwen2_vl"), "<|image_pad|>").save_pretrained(tmp)
+    image_processor = Qwen2VLImageProcessorPil(
+        min_pixels=step * step, max_pixels=side * side, patch_size=cfg.patch_size, merge_size=2, temporal_patch_size=2
+    )
+    ImageTextProcessor(image_processor, tokenizer, _jinja("qwen2_vl"), "<|image_pad|>").save_pretrained(tmp)
 
 
 def _gemma3(cfg: TinyModelConfig, tmp: Path) -> None:
@@ -142,8 +147,8 @@ def _gemma3(cfg: TinyModelConfig, tmp: Path) -> None:
     from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
 
     tokenizer = mistral_tokenizer(tmp)
-    tokenizer.add_special_tokens({"additional_special_tokens": ["<start_of_turn>", "<end_of_turn>", *GEMMA_SPECIAL.values()],
-                                  "pad_token": "<pad>"})
+    turns = ["<start_of_turn>", "<end_of_turn>"]
+    tokenizer.add_special_tokens({"additional_special_tokens": [*turns, *GEMMA_SPECIAL.values()], "pad_token": "<pad>"})
     tokenizer.save_pretrained(tmp)  # reloaded with Gemma's named image tokens (boi_token, ...), as Gemma's own
     tokenizer = AutoTokenizer.from_pretrained(tmp, extra_special_tokens=GEMMA_SPECIAL)
     patches = (cfg.image_size // cfg.patch_size) ** 2
@@ -153,8 +158,9 @@ def _gemma3(cfg: TinyModelConfig, tmp: Path) -> None:
                        "num_hidden_layers": cfg.vision_layers, "num_attention_heads": cfg.vision_heads,
                        "image_size": cfg.image_size, "patch_size": cfg.patch_size},
         text_config=_text(cfg, _vocab(tokenizer), tokenizer, head_dim=cfg.text_hidden // cfg.text_heads,
-                          sliding_window=512),
-        mm_tokens_per_image=tokens, image_token_index=tokenizer.convert_tokens_to_ids(GEMMA_SPECIAL["image_token"]),
+                          sliding_window=512, sliding_window_pattern=cfg.text_layers),  # last layer global
+        mm_tokens_per_image=tokens,
+        image_token_index=tokenizer.convert_tokens_to_ids(GEMMA_SPECIAL["image_token"]),
         boi_token_index=tokenizer.convert_tokens_to_ids(GEMMA_SPECIAL["boi_token"]),
         eoi_token_index=tokenizer.convert_tokens_to_ids(GEMMA_SPECIAL["eoi_token"]),
     )

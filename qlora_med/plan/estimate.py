@@ -109,11 +109,12 @@ class ModelShape:
     name: str
     llm: LLMShape
     vision: VisionShape | None = None
-    projector: str = "mlp2x_gelu"  # mlp2x_gelu | linear
+    projector: str = "mlp2x_gelu"  # mlp2x_gelu | linear | patch_merger (Qwen: 2x2 patches -> MLP)
     llm_image_tokens: int | None = None  # families whose LLM tokens per image are not the tower's patches
+    tower_crops: int = 1  # tower passes per image (LLaVA-NeXT any-res: the base image + its tiles)
 
     def __post_init__(self) -> None:
-        _check(self.projector in ("mlp2x_gelu", "linear"), f"unknown projector {self.projector!r}")
+        _check(self.projector in ("mlp2x_gelu", "linear", "patch_merger"), f"unknown projector {self.projector!r}")
 
     @property
     def image_tokens(self) -> int:
@@ -128,6 +129,8 @@ class ModelShape:
         if not self.vision:
             return 0
         hv, h = self.vision.hidden, self.llm.hidden
+        if self.projector == "patch_merger":  # 4 merged patches -> same-width hidden layer -> the LLM's width
+            return 4 * hv * (4 * hv + 1) + 4 * hv * h + h
         return hv * h + h + (h * h + h if self.projector == "mlp2x_gelu" else 0)
 
 
@@ -299,7 +302,7 @@ def estimate_memory(model: ModelShape, run: RunSpec) -> MemoryEstimate:
     if run.padded:
         comps.append(Component("attention mask (padded batch)", b * s * s, "transient", both))
     if vis:
-        img = b * run.images_per_sample
+        img = b * run.images_per_sample * model.tower_crops
         pos = vis.patches + 1
         proj = img * (pos * vis.hidden + 2 * model.image_tokens * llm.hidden) * c
         comps.append(Component("projector activations", proj, "transient", both))
@@ -357,7 +360,7 @@ def step_flops(model: ModelShape, run: RunSpec) -> float:
     total = t * (fwd + bwd + rec)
     if vis:
         images = run.micro_batch * run.images_per_sample
-        total += images * (vis.patches + 1) * 2 * vis.params  # frozen tower: forward only
+        total += images * model.tower_crops * (vis.patches + 1) * 2 * vis.params  # frozen tower: forward only
         total += images * model.image_tokens * 6 * model.projector_params
     return float(total)
 
@@ -452,8 +455,19 @@ def _llava(name: str, llm: LLMShape, vision: VisionShape) -> ModelShape:
 
 _MISTRAL_7B = LLMShape(32, 4096, 14336, 32, 8, 32000)
 _LLAMA_7B = LLMShape(32, 4096, 11008, 32, 32, 32000)
+_CLIP_L_336 = VisionShape(24, 1024, 4096, 16, 336, 14)
 PRESETS: dict[str, ModelShape] = {
-    "llava-med-v1.5": _llava("llava-med-v1.5", _MISTRAL_7B, VisionShape(24, 1024, 4096, 16, 336, 14)),
+    "llava-med-v1.5": _llava("llava-med-v1.5", _MISTRAL_7B, _CLIP_L_336),
+    # The other families' published 7B-class shapes (their config.json), at the recipes' image sides:
+    # LLaVA-NeXT any-res at 672 px = base 576 + 48x48 tile tokens + 48 newlines; Qwen2.5-VL at 448 px = 1024
+    # patches merged 2x2; Gemma 3's 896 px SigLIP pooled to 256.
+    "llava-1.5-7b": _llava("llava-1.5-7b", LLMShape(32, 4096, 11008, 32, 32, 32064), _CLIP_L_336),
+    "llava-next-mistral-7b": ModelShape("llava-next-mistral-7b", LLMShape(32, 4096, 14336, 32, 8, 32064),
+                                        _CLIP_L_336, "mlp2x_gelu", 576 + 48 * 48 + 48, tower_crops=5),
+    "qwen2.5-vl-7b": ModelShape("qwen2.5-vl-7b", LLMShape(28, 3584, 18944, 28, 4, 152064),
+                                VisionShape(32, 1280, 3420, 16, 448, 14), "patch_merger", 256),
+    "gemma-3-4b": ModelShape("gemma-3-4b", LLMShape(34, 2560, 10240, 8, 4, 262208, 256, True),
+                             VisionShape(27, 1152, 4304, 16, 896, 14), "linear", 256),
     "mistral-7b": ModelShape("mistral-7b", _MISTRAL_7B),
     "llama-7b": ModelShape("llama-7b", _LLAMA_7B),
     "llama-2-7b": ModelShape("llama-2-7b", _LLAMA_7B),
@@ -465,7 +479,9 @@ PRESETS: dict[str, ModelShape] = {
 ALIASES = {"microsoft/llava-med-v1.5-mistral-7b": "llava-med-v1.5", "meta-llama/llama-2-7b-hf": "llama-2-7b",
            "meta-llama/llama-3.1-8b": "llama-3.1-8b", "mistralai/mistral-7b-instruct-v0.2": "mistral-7b",
            "huggyllama/llama-7b": "llama-7b", "mistral-7b-instruct-v0.2": "mistral-7b", "llama-2-7b-hf": "llama-2-7b",
-           "llama-3.1-8b-instruct": "llama-3.1-8b", "meta-llama-3.1-8b": "llama-3.1-8b"}
+           "llama-3.1-8b-instruct": "llama-3.1-8b", "meta-llama-3.1-8b": "llama-3.1-8b",
+           "llava-hf/llava-1.5-7b-hf": "llava-1.5-7b", "llava-hf/llava-v1.6-mistral-7b-hf": "llava-next-mistral-7b",
+           "qwen/qwen2.5-vl-7b-instruct": "qwen2.5-vl-7b", "google/gemma-3-4b-it": "gemma-3-4b"}
 
 
 def preset(name: str) -> ModelShape:

@@ -26,9 +26,11 @@ VISION_BY_NAME = {"clip-vit-large-patch14-336": PRESETS["llava-med-v1.5"].vision
                   "clip-vit-large-patch14": VisionShape(24, 1024, 4096, 16, 224, 14)}
 
 
-def shape_from_config_dict(cfg: dict, name: str = "config") -> ModelShape:
+def shape_from_config_dict(cfg: dict, name: str = "config", image_side: int | None = None) -> ModelShape:
     """ModelShape from a HF ``config.json`` dict: a LlavaConfig (text_config + vision_config), LLaVA's original
-    layout (the LLM's keys + ``mm_vision_tower``, a tower known by name) or a plain LLM."""
+    layout (the LLM's keys + ``mm_vision_tower``, a tower known by name), another family's config or a plain
+    LLM. ``image_side`` (``model.image_size``) is the square side of the any-res and dynamic families (default:
+    the family's)."""
     llm = _llm_shape(cfg.get("text_config", cfg))
     v = cfg.get("vision_config")
     if not v and cfg.get("mm_vision_tower"):  # llava_mistral / llava_llama: the tower only by name
@@ -45,21 +47,20 @@ def shape_from_config_dict(cfg: dict, name: str = "config") -> ModelShape:
         return ModelShape(name, llm)
     family = cfg.get("model_type")
     if family in ("qwen2_5_vl", "qwen2_vl"):  # dynamic resolution: planned at the family's square side
-        side, merge = FAMILIES["qwen2_5_vl"].image_side, v.get("spatial_merge_size", 2)
+        side, merge = image_side or FAMILIES["qwen2_5_vl"].image_side, v.get("spatial_merge_size", 2)
         vision = VisionShape(v["depth"], v.get("embed_dim", v["hidden_size"]), v.get("intermediate_size", 4 * v["hidden_size"]),
                              v["num_heads"], side, v["patch_size"])  # fmt: skip
-        return ModelShape(name, llm, vision, "mlp2x_gelu", vision.patches // merge**2)
+        return ModelShape(name, llm, vision, "patch_merger", vision.patches // merge**2)
     vision = _vision_shape(v)
-    tokens = None
-    if family == "gemma3":
-        tokens = cfg.get("mm_tokens_per_image", 256)
+    tokens, crops, projector = None, 1, "linear" if cfg.get("projector_type") == "linear" else "mlp2x_gelu"
+    if family == "gemma3":  # one linear map after pooling
+        tokens, projector = cfg.get("mm_tokens_per_image", 256), "linear"
     elif family == "llava_next":  # any-res at the largest square grid point: base image + its tiles + newlines
-        side = max((h for h, w in cfg.get("image_grid_pinpoints", [[672, 672]]) if h == w), default=672)
+        side = image_side or max((h for h, w in cfg.get("image_grid_pinpoints", [[672, 672]]) if h == w), default=672)
         grid = side // vision.patch_size
         tokens = vision.patches + grid * grid + grid
-    return ModelShape(
-        name, llm, vision, "linear" if cfg.get("projector_type") == "linear" else "mlp2x_gelu", tokens
-    )
+        crops = (side // vision.image_size) ** 2 + 1
+    return ModelShape(name, llm, vision, projector, tokens, crops)
 
 
 def _llm_shape(text: dict) -> LLMShape:
@@ -159,7 +160,16 @@ def shape_from_recipe(recipe: object) -> ModelShape:
     folder's, or a Hub model's: that one file is fetched), the compose-mode ``model.vision_tower`` + ``model.llm``
     config.json files (or their names, when known presets), or a preset name."""
     m = recipe.model  # type: ignore[attr-defined]
+    built = _local_config(m.name_or_path) if m.tiny is not None else None
+    if built is not None:  # the tiny model as built (any family)
+        step = 2 * m.tiny.patch_size  # tiny Qwen: images at its tower's size, rounded to the 2x2 patch merge
+        qwen = built.get("model_type") in FAMILIES["qwen2_5_vl"].model_types
+        side = m.image_size or (m.tiny.image_size // step * step if qwen else None)
+        return shape_from_config_dict(built, name="tiny", image_side=side)
     if m.tiny is not None:  # qlora_med.model.build_tiny: CLIP MLP 4x hidden, vocab = tokenizer rounded up to 64
+        if m.tiny.family != "llava":
+            raise ConfigError(f"model.tiny.family: the tiny {m.tiny.family} model is planned from its config.json: "
+                              f"run the recipe once (it builds {m.name_or_path}) or plan with --model PRESET")
         t = m.tiny
         return ModelShape("tiny", LLMShape(t.text_layers, t.text_hidden, t.text_intermediate, t.text_heads,
                                            t.text_kv_heads, 32064),
@@ -169,7 +179,7 @@ def shape_from_recipe(recipe: object) -> ModelShape:
         revision = getattr(m, "revision", None)  # duck-typed: callers may pass a namespace without it
         cfg = _read_config(m.name_or_path, revision=revision)
         if cfg is not None:
-            return shape_from_config_dict(cfg, name=_name(m.name_or_path))
+            return shape_from_config_dict(cfg, name=_name(m.name_or_path), image_side=m.image_size)
         try:
             return preset(m.name_or_path)
         except ValueError as err:

@@ -137,7 +137,8 @@ def test_merge_parity_and_plain_transformers_load(run, tiny_dir, tmp_path, capsy
         with trained.disable_adapter():
             nf4_no_lora = trained(**inputs).logits
         unmerged = LlavaForConditionalGeneration.from_pretrained(tiny_dir, dtype=torch.float32).eval()
-        unmerged.model.multi_modal_projector.load_state_dict(load_file(run / "instruct" / "final" / "projector.safetensors"))
+        for name, tensor in load_file(run / "instruct" / "final" / "projector.safetensors").items():  # full paths
+            unmerged.get_parameter(name).data = tensor.float()
         fp_no_lora = unmerged(**inputs).logits
 
     torch.save(dict(inputs), tmp_path / "inputs.pt")

@@ -51,8 +51,9 @@ def kit(run) -> dict:
 
     generator = Generator.load(run, "auto")
     ids = generator.prompt_ids([(f"<image>\n{QUESTION}", None)])
-    pixels = generator.pixel_values([IMAGE], ["sample"])
-    inputs = generator._inputs([ids], pixels)
+    image_inputs = generator.pixel_values([IMAGE], ["sample"])  # pixel_values and the family's other inputs
+    inputs = generator._inputs([ids], image_inputs)
+    pixels = image_inputs["pixel_values"]
     with torch.no_grad():
         logits = generator.model(**inputs).logits
         tokens = generator.model.generate(**inputs, **generator._generate_kwargs(Sampling(STEPS, 0.0)))
