@@ -179,7 +179,7 @@ def shape_from_recipe(recipe: object) -> ModelShape:
         revision = getattr(m, "revision", None)  # duck-typed: callers may pass a namespace without it
         cfg = _read_config(m.name_or_path, revision=revision)
         if cfg is not None:
-            return shape_from_config_dict(cfg, name=_name(m.name_or_path), image_side=m.image_size)
+            return shape_from_config_dict(cfg, name=_name(m.name_or_path), image_side=getattr(m, "image_size", None))
         try:
             return preset(m.name_or_path)
         except ValueError as err:

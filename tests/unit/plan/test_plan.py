@@ -157,7 +157,7 @@ def test_shape_from_config_and_recipe(tmp_path: Path) -> None:
     assert shape_from_recipe(SimpleNamespace(model=model)).llm == preset("mid").llm
     model = SimpleNamespace(name_or_path="llama-7b", tiny=None)
     assert shape_from_recipe(SimpleNamespace(model=model)) is preset("llama-7b")
-    tiny = SimpleNamespace(image_size=56, patch_size=14, vision_hidden=32, vision_layers=2, vision_heads=2,
+    tiny = SimpleNamespace(family="llava", image_size=56, patch_size=14, vision_hidden=32, vision_layers=2, vision_heads=2,
                            text_hidden=64, text_intermediate=128, text_layers=2, text_heads=4, text_kv_heads=2)
     shape = shape_from_recipe(SimpleNamespace(model=SimpleNamespace(name_or_path="x", tiny=tiny)))
     assert shape.llm == preset("tiny").llm and shape.vision == preset("tiny").vision
