@@ -9,14 +9,15 @@ from pathlib import Path
 from qlora_med.commands._options import DTYPE_CHOICES, EXPORT_FORMATS, human_size
 
 NAME = "export"
-HELP = "export a trained run as a PEFT adapter, a LLaVA-Med v1.5 checkpoint or GGUF files for llama.cpp"
+HELP = "export a trained run as a PEFT adapter, a merged HF checkpoint, a LLaVA-Med v1.5 checkpoint or GGUF files"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("source", help="run dir, final/, checkpoint-N/ or merged dir (a llava-med export for hf)")
+    parser.add_argument("source", help="run dir, final/, checkpoint-N/, merged dir, or (for hf) a llava-med export")
     parser.add_argument("--format", required=True, choices=EXPORT_FORMATS,
-                        help="peft: adapter + projector; llava-med: original LLaVA-Med layout; gguf: llama.cpp "
-                        "LLM + mmproj; hf: a llava-med export back to HF LLaVA")
+                        help="peft: adapter + connector; hf: a merged transformers checkpoint (any family; a "
+                        "llava-med export back to HF LLaVA); llava-med: original LLaVA-Med layout (LLaVA 1.5); "
+                        "gguf: llama.cpp LLM + mmproj (LLaVA 1.5)")
     parser.add_argument("--out", type=Path, required=True, help="output directory")
     parser.add_argument("--dtype", choices=DTYPE_CHOICES,
                         help="weights dtype when merging (llava-med, gguf: f32/f16/bf16 tensors; default f16 for gguf)")

@@ -34,15 +34,17 @@ def trained_lora(model: torch.nn.Module) -> dict[str, Any] | None:
 
 def stage_record(recipe: RecipeConfig, stage: StageConfig, *, trainer: StageTrainer, model: torch.nn.Module,
                  base_dir: Path, previous: Path | None, compute_dtype: torch.dtype, plan: BatchPlan, samples: int,
-                 stats: BuildStats, kernels: KernelSetup, wall_time_s: float,
+                 stats: BuildStats, kernels: KernelSetup, wall_time_s: float, image_side: int | None = None,
                  checkpointing: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The ``stage.json`` of a trained stage, from the trainer's state, the batch plan used and the model."""
+    """The ``stage.json`` of a trained stage, from the trainer's state, the batch plan used and the model;
+    ``image_side`` is the square side images were resized to (None: the processor's own size)."""
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     return {
         "stage": stage.name, "kind": stage.kind, "base_model": str(base_dir),
         "previous_stage": str(previous) if previous else None, "template": stage.template,
         "quantization": recipe.model.quantization, "compute_dtype": str(compute_dtype).replace("torch.", ""),
-        "image_aspect": recipe.model.image_aspect, "image_size": recipe.model.image_size, "train": asdict(stage.train), "lora": trained_lora(model),
+        "image_aspect": recipe.model.image_aspect, "image_size": image_side, "train": asdict(stage.train),
+        "lora": trained_lora(model),
         "loss_first": losses[0] if losses else None, "loss_last": losses[-1] if losses else None,
         "steps": trainer.state.global_step, "samples": samples, "truncated": stats.truncated,
         "skipped_images": trainer.data_collator.skipped, "micro_batch": plan.micro_batch,

@@ -103,7 +103,8 @@ def train_stage(recipe: RecipeConfig, stage: StageConfig) -> dict:
 
     info = stage_record(recipe, stage, trainer=trainer, model=model, base_dir=base_dir, previous=previous,
                         compute_dtype=compute_dtype, plan=plan, samples=len(dataset), stats=stats, kernels=kernels,
-                        wall_time_s=time.time() - start, checkpointing=checkpointing.summary())
+                        wall_time_s=time.time() - start, image_side=images.side,
+                        checkpointing=checkpointing.summary())
     if trainer.accelerator.is_main_process:
         with atomic_dir(final) as tmp:
             save_trainable(trainer.accelerator.unwrap_model(trainer.model), tmp)

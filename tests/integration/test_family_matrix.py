@@ -1,6 +1,6 @@
 """The family matrix through the real CLI: for each family a tiny model built from config trains the two-stage
-curriculum (loss falls in each stage, with the family's template), then eval vqa, merge, export hf (and GGUF,
-or its one-line refusal). Prints per-family step time and peak memory (``-s`` shows the table)."""
+curriculum (loss falls in each stage, with the family's template), then eval vqa, a two-round chat, merge, export (GGUF and the LLaVA-Med layout:
+their one-line refusal for the other families). Prints per-family step time and peak memory (``-s`` shows the table)."""
 
 from __future__ import annotations
 
@@ -24,10 +24,10 @@ RUNNER = ("import resource, sys; from qlora_med.cli import main; rc = main(sys.a
 MATRIX: dict[str, dict] = {}
 
 
-def _cli(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
+def _cli(*args: str, timeout: int = 900, stdin: str | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "2", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
     return subprocess.run([sys.executable, "-c", RUNNER, *args], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+                          text=True, timeout=timeout, input=stdin)
 
 
 def _peak_mib(proc: subprocess.CompletedProcess) -> float:
@@ -88,6 +88,15 @@ def test_eval_merge_and_export(trained, tmp_path):
         lines = [x for x in refused.stderr.splitlines() if "ERROR" in x]
         assert refused.returncode != 0 and len(lines) == 1 and family in lines[0], refused.stderr[-2000:]
         assert "Traceback" not in refused.stderr and not (tmp_path / fmt).exists()
+
+
+def test_chat_keeps_two_rounds(trained):
+    family, out, _ = trained
+    chat = _cli("chat", "--model", str(out), "--image", "data/sample/images/ihc.png", "--max-new-tokens", "4",
+                stdin="what stain is used?\nwhere is it brown?\n/quit\n")
+    assert chat.returncode == 0, chat.stderr[-3000:]
+    replies = [line for line in chat.stdout.splitlines() if "model> " in line]
+    assert len(replies) == 2, chat.stdout[-2000:]
 
 
 def test_print_matrix():
