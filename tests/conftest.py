@@ -38,7 +38,7 @@ def bnb_cpu_dequantize() -> None:
 def tiny_dir(tmp_path_factory) -> Path:
     """A tiny LLaVA (CLIP + Mistral from config, real Mistral tokenizer) saved in HF format."""
     from qlora_med.config.schema import TinyModelConfig
-    from qlora_med.model.build import build_tiny
+    from qlora_med.model.tiny import build_tiny
 
     return build_tiny(TinyModelConfig(), tmp_path_factory.mktemp("models") / "tiny-llava")
 

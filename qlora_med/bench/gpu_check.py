@@ -89,7 +89,7 @@ def build_model_dir(out: Path, tiny: bool) -> dict:
     import torch
     from transformers import LlavaForConditionalGeneration
 
-    from qlora_med.model.build import add_llava_tokens, make_processor, mistral_tokenizer
+    from qlora_med.model.processor import add_llava_tokens, make_processor, mistral_tokenizer
 
     start = time.time()
     tokenizer = mistral_tokenizer(out)

@@ -15,8 +15,9 @@ A B C ..., for each mix), so slow drift and other processes on the machine hit e
   nothing from the kit;
 * ``trl`` (:mod:`~qlora_med.bench.trl_reference`): ``SFTTrainer`` + ``peft_config`` as TRL's VLM docs show it (it
   quantizes and LoRAs the vision tower and projector too, and puts loss on every token: the table says so);
-* ``kit`` (defaults as ``qlora-med run`` uses them), ``kit_padding_free``, ``kit_no_ckpt`` (:mod:`~.worker`), and
-  opt-in ablations.
+* ``kit`` (the defaults as ``qlora-med run`` resolves them: ``padding_free: auto`` and ``gradient_checkpointing:
+  auto``), ``kit_padded`` (``padding_free: false``), ``kit_ckpt`` (``gradient_checkpointing: true``, as the
+  baseline) (:mod:`~.worker`), and opt-in ablations.
 
 The matmul peak is measured before the first and after the last run (the better of the two counts). Reported per mix
 and variant: the median and min-max over rounds of real (non-pad) tokens per second of wall time
@@ -64,8 +65,8 @@ class Variant:
     name: str
     what: str
     runner: str = "kit"  # kit | baseline | trl
-    padding_free: bool = False
-    gradient_checkpointing: bool = True
+    padding_free: bool | str = "auto"  # the stage settings, as in a recipe
+    gradient_checkpointing: bool | str = "auto"
     liger: str = "auto"
     nf4_lora: str = "auto"
     loss: str = "auto"
@@ -77,16 +78,18 @@ class Variant:
 
 
 VARIANTS = (
-    Variant("baseline", "hand-written transformers+peft+bnb loop", runner="baseline"),
-    Variant("trl", "TRL SFTTrainer + peft_config, as documented", runner="trl"),
-    Variant("kit", "kit defaults (padding_free off, checkpointing on)"),
-    Variant("kit_padding_free", "kit, padding_free: true", padding_free=True),
-    Variant("kit_no_ckpt", "kit, gradient_checkpointing: false", gradient_checkpointing=False),
+    Variant("baseline", "hand-written transformers+peft+bnb loop", runner="baseline", gradient_checkpointing=True),
+    Variant("trl", "TRL SFTTrainer + peft_config, as documented", runner="trl", gradient_checkpointing=True),
+    Variant("kit", "kit defaults (padding_free: auto, gradient_checkpointing: auto)"),
+    Variant("kit_padded", "kit, padding_free: false", padding_free=False),
+    Variant("kit_ckpt", "kit, gradient_checkpointing: true", gradient_checkpointing=True),
     Variant("kit_full_logits", "kit, kernels.loss: full", loss="full", default=False),
     Variant("kit_trl_loss", "kit, kernels.loss: trl", loss="trl", default=False),
     Variant("kit_peft_nf4", "kit, kernels.nf4_lora: off (PEFT Linear4bit)", nf4_lora="off", default=False),
     Variant("baseline_no_ckpt", "baseline without gradient checkpointing", runner="baseline",
             gradient_checkpointing=False, default=False),
+    Variant("kit_padded_ckpt", "kit, padding_free: false, gradient_checkpointing: true (the old defaults)",
+            padding_free=False, gradient_checkpointing=True, default=False),
 )  # fmt: skip
 
 
@@ -179,7 +182,7 @@ def versions() -> dict[str, str]:
 
 def bench_model_dir(spec: BenchSpec) -> Path:
     """Build the benchmark model once under ``cache_dir``."""
-    from qlora_med.model.build import build_tiny
+    from qlora_med.model.tiny import build_tiny
 
     path = Path(spec.cache_dir) / f"bench-{spec.model_name}"
     if not (path / "config.json").is_file():

@@ -14,6 +14,7 @@ import json
 import logging
 import sys
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 from qlora_med.bench.meter import (  # the measuring stick, shared with the baseline and TRL workers
@@ -52,13 +53,21 @@ def build_trainer(payload: dict, callbacks: list, workdir: Path):
     builds them; returns (trainer, recorder, kernel setup, stage)."""
     from transformers import set_seed
 
-    from qlora_med.config.schema import DataConfig, KernelsConfig, LoraConfig, ModelConfig, StageConfig
+    from qlora_med.config.schema import (
+        DataConfig,
+        KernelsConfig,
+        LoraConfig,
+        ModelConfig,
+        RecipeConfig,
+        StageConfig,
+    )
     from qlora_med.data.build import build_stage_dataset
     from qlora_med.data.collate import VisionCollator
     from qlora_med.data.packing import PaddingFreeCollator
     from qlora_med.model.family import image_spec
     from qlora_med.model.load import load_model, resolve_compute_dtype
-    from qlora_med.patches.select import apply_kernels
+    from qlora_med.patches.select import apply_kernels, resolve_padding_free_setting
+    from qlora_med.train.checkpointing import resolve_checkpointing, with_checkpointing
     from qlora_med.train.trainable import setup_trainable
     from qlora_med.train.trainer import StageTrainer, sft_config
 
@@ -78,6 +87,9 @@ def build_trainer(payload: dict, callbacks: list, workdir: Path):
     dtype = resolve_compute_dtype(model_cfg.compute_dtype)
     set_seed(payload["seed"])
     model, processor = load_model(model_cfg, Path(payload["model_dir"]), dtype)
+    recipe = RecipeConfig(output_dir=str(workdir / "out"), model=model_cfg, stages=[stage], lora=lora, kernels=kernels)
+    stage = replace(stage, padding_free=resolve_padding_free_setting(stage.padding_free, model))  # as the runner
+    stage = with_checkpointing(stage, resolve_checkpointing(recipe, stage, 1, stage.per_device_batch_size, 1))
     model = setup_trainable(model, stage.train, lora, None, stage.gradient_checkpointing)
     setup = apply_kernels(model, kernels, stage.padding_free)
     images = image_spec(model.config, processor, model_cfg.image_size, model_cfg.image_token)

@@ -20,7 +20,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mix", nargs="+", choices=("align", "instruct"), default=None,
                         help="workloads (default: both)")  # fmt: skip
     parser.add_argument("--variants", nargs="+", default=None,
-                        help="variants to run, or 'all' (default: baseline trl kit kit_padding_free kit_no_ckpt)")
+                        help="variants to run, or 'all' (default: baseline trl kit kit_padded kit_ckpt)")
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: small model, batch 2, 1 step, 2 rounds, instruct mix only")
     parser.add_argument("--threads", type=int, default=None, help="torch threads per worker (default: all cores)")

@@ -20,13 +20,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "for an image column of paths)")
     add_source_arguments(parser, "train")
     parser.add_argument("--tokenizer", default=None, metavar="DIR_OR_MODEL",
-                        help="tokenizer or LLaVA model dir (default: the Mistral-7B-Instruct-v0.2 tokenizer, offline)")
+                        help="model dir or Hub id whose tokenizer, image tokens and chat template to use (a VLM of "
+                             "any family, or a plain LLM; default: the Mistral-7B-Instruct-v0.2 tokenizer, offline)")
     parser.add_argument("--template", choices=sorted(TEMPLATES), default=None,
                         help="prompt template (default: the stage preset for the detected format)")
     parser.add_argument("--max-length", type=int, default=2048, metavar="N", help="token limit (default 2048)")
     parser.add_argument("--num-image-tokens", type=int, default=None, metavar="N",
-                        help="image tokens per image (default: from the --tokenizer model dir, else 576)")
-    parser.add_argument("--image-token", default="<image>", help="image placeholder (default <image>)")
+                        help="image tokens per image (default: the --tokenizer model's, else 576)")
+    parser.add_argument("--image-token", default=None,
+                        help="image placeholder (default: the --tokenizer model family's, else <image>)")
     parser.add_argument("--histogram", type=Path, default=None, metavar="PNG", help="write a token-length histogram")
     parser.add_argument("--workers", type=int, default=None, help="processes opening images (default: all CPUs)")
     parser.add_argument("--allow-outside-images", action="store_true",
@@ -39,7 +41,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     from qlora_med.config.sources import MAX_IMAGE_PIXELS, PIL_BOMB_PIXELS
-    from qlora_med.data.check import check_file, check_table, load_tokenizer, plot_lengths
+    from qlora_med.data.check import check_file, check_table, plot_lengths
+    from qlora_med.data.model_text import load_model_text
+    from qlora_med.data.records import IMAGE_TOKEN
     from qlora_med.data.tables import cli_source
     from qlora_med.errors import QloraMedError
 
@@ -51,14 +55,16 @@ def main(args: argparse.Namespace) -> int:
     if not 0 < pixels <= PIL_BOMB_PIXELS:
         raise QloraMedError(f"--max-image-pixels must be from 1 to {PIL_BOMB_PIXELS} (PIL refuses larger images as "
                             f"decompression bombs), got {pixels}")
-    tokenizer, n_image = load_tokenizer(args.tokenizer, args.image_token)
-    options = {"template": args.template, "max_length": args.max_length, "image_token": args.image_token,
-               "num_image_tokens": args.num_image_tokens or n_image, "workers": args.workers, "listed": args.list}
+    model = load_model_text(args.tokenizer, args.image_token or IMAGE_TOKEN, template=args.template)
+    options = {"template": args.template, "max_length": args.max_length,
+               "image_token": args.image_token or model.image_token, "chat": model.chat,
+               "num_image_tokens": args.num_image_tokens or model.image_tokens, "workers": args.workers,
+               "listed": args.list}
     if source is not None:
         source.allow_outside_images, source.max_image_pixels = args.allow_outside_images, pixels
-        report = check_table(source, tokenizer, **options)
+        report = check_table(source, model.tokenizer, **options)
     else:
-        report = check_file(args.file, args.image_folder, tokenizer, **options,
+        report = check_file(args.file, args.image_folder, model.tokenizer, **options,
                             allow_outside_images=args.allow_outside_images, max_image_pixels=pixels)
     text = report.text()
     if args.histogram is not None:

@@ -144,10 +144,16 @@ def main(args: argparse.Namespace) -> int:
     print_choice(shape, choice, gpu.name, gpu.memory_gib, tflops, args.mfu)
     if stages:
         print(f"\nRecipe stages as configured ({args.recipe}):")
+        settings = {st.name: st.gradient_checkpointing for st in recipe.stages}
         for name, run in stages:
-            est = estimate_memory(shape, replace(run, sharding=args.sharding, ce=args.ce))
+            run = replace(run, sharding=args.sharding, ce=args.ce)
+            auto = settings[name] == "auto"
+            if auto:  # as the runner decides: off when the step without it fits the budget
+                off = replace(run, grad_checkpointing=False)
+                run = off if estimate_memory(shape, off).peak_bytes <= choice.budget_bytes else run
+            est = estimate_memory(shape, run)
             fits = "fits" if est.peak_bytes <= choice.budget_bytes else "DOES NOT FIT"
             print(f"  {name:12s} micro-batch {run.micro_batch} x accum {run.grad_accum}, length {run.seq_len}, "
-                  f"checkpointing {'on' if run.grad_checkpointing else 'off'}, {run.optimizer}, LoRA r={run.lora_rank}: "
-                  f"peak {est.peak_bytes / GIB:.1f} GiB ({fits})")
+                  f"checkpointing {'on' if run.grad_checkpointing else 'off'}{' (auto)' if auto else ''}, "
+                  f"{run.optimizer}, LoRA r={run.lora_rank}: peak {est.peak_bytes / GIB:.1f} GiB ({fits})")
     return 0

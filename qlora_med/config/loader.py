@@ -42,6 +42,9 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
                 return _convert(value, arg, where)
             except ConfigError as err:
                 errors.append(err)
+        if all(a is bool or typing.get_origin(a) is Literal for a in candidates):  # e.g. true | false | auto
+            allowed = [c for a in candidates for c in (("true", "false") if a is bool else typing.get_args(a))]
+            raise ConfigError(f"{where}: expected {', '.join(map(str, allowed[:-1]))} or {allowed[-1]}, got {value!r}")
         raise errors[0]
     if origin is Literal:
         choices = typing.get_args(tp)

@@ -265,17 +265,18 @@ class StageConfig:
     optim: str = _f("adamw_torch", "transformers optimizer name, e.g. adamw_torch, paged_adamw_8bit")
     max_grad_norm: float = _f(1.0, "gradient clipping norm")
     gradient_checkpointing: bool | Literal["auto"] = _f(
-        True, "recompute activations in backward to save memory; auto: off when the memory planner's step fits the "
-        "device without it, else on (decided at start-up, logged, recorded in stage.json)"
+        "auto", "recompute activations in backward to save memory; auto: off when the memory planner's step fits "
+        "the device without it, else on (decided at start-up, logged, recorded in stage.json)"
     )
     save_steps: int = _f(500, "checkpoint every N optimizer steps")
     save_total_limit: int = _f(2, "complete checkpoints kept per stage")
     logging_steps: int = _f(10, "log loss every N steps")
     dataloader_workers: int = _f(0, "DataLoader worker processes (image decoding)")
-    padding_free: bool = _f(
-        False,
+    padding_free: bool | Literal["auto"] = _f(
+        "auto",
         "pack each micro-batch into one row (position_ids restart per sample, attention kept within each "
-        "sample): no compute on padding. Same loss as padded batches (qlora_med.data.packing)",
+        "sample): no compute on padding, same loss as padded batches (qlora_med.data.packing); auto: on where "
+        "the family and the attention implementation can pack rows (logged, recorded in stage.json)",
     )
 
     def __post_init__(self) -> None:

@@ -8,16 +8,15 @@ reject it (the one rule set of :func:`~qlora_med.data.records.inspect_record` th
 ``<image>`` only in the first human turn, the image inside the image folder, answer_type in a VQA file; duplicate
 ids; unreadable images or images over ``max_image_pixels``; invalid JSON or UTF-8 lines) or when ``max_length``
 leaves no room for its image or answer tokens; samples that are merely longer than ``max_length`` are truncated,
-and only counted.
+and only counted. The tokenizer, image tokens and chat format are the model's as training reads them
+(:func:`qlora_med.data.model_text.load_model_text`).
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
-import logging
 import os
-import tempfile
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -29,6 +28,7 @@ import numpy as np
 from qlora_med.config.stages import STAGE_PRESETS
 from qlora_med.data.encoder import IMAGE_CUT, NO_ANSWER, BatchEncoder, EncodeSpec
 from qlora_med.data.images import DEFAULT_MAX_IMAGE_PIXELS, ImageError, load_image
+from qlora_med.data.model_text import DEFAULT_IMAGE_TOKENS
 from qlora_med.data.reading import file_layout
 from qlora_med.data.records import (
     IMAGE_TOKEN,
@@ -40,8 +40,7 @@ from qlora_med.data.records import (
     iter_json_objects,
 )
 from qlora_med.errors import DataError
-
-logger = logging.getLogger(__name__)
+from qlora_med.prompts.chat_render import ChatFormat
 
 LABELS = {  # reason -> how the report names it, in report order
     "invalid_json": "invalid JSON lines",
@@ -64,7 +63,6 @@ LABELS = {  # reason -> how the report names it, in report order
 }
 STRUCTURE = {"not_an_object", "empty_conversations", "role_order", "empty_turn"}  # cannot be tokenized
 KIND_OF_FORMAT = {"alignment": "align", "instruct": "instruct", "vqa": "vqa"}
-DEFAULT_IMAGE_TOKENS = 576  # CLIP ViT-L/14 at 336 px (LLaVA-Med v1.5)
 EMBEDDED = "embedded:"  # prefix of an embedded image's key (its bytes' SHA-1)
 
 
@@ -167,8 +165,9 @@ class _Prober:
 def check_file(path: str | Path, image_folder: str | Path, tokenizer, template: str | None = None,
                max_length: int = 2048, num_image_tokens: int = DEFAULT_IMAGE_TOKENS, image_token: str = IMAGE_TOKEN,
                workers: int | None = None, listed: int = 10, allow_outside_images: bool = False,
-               max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> CheckReport:
-    """Check every record of ``path``; see the module docstring for what counts as unusable."""
+               max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, chat: ChatFormat | None = None) -> CheckReport:
+    """Check every record of ``path``; see the module docstring for what counts as unusable. ``chat``: the
+    model's chat format, for template ``chat_template``."""
     path, folder = Path(path), Path(image_folder)
     if not path.is_file():
         raise DataError(f"{path}: file not found")
@@ -182,14 +181,14 @@ def check_file(path: str | Path, image_folder: str | Path, tokenizer, template: 
     report = CheckReport(str(path), format=detect_format(head), max_length=max_length,
                          num_image_tokens=num_image_tokens, layout=file_layout(path))
     report.template = template or STAGE_PRESETS[KIND_OF_FORMAT[report.format]].template
-    encoder = BatchEncoder(tokenizer, EncodeSpec(report.template, num_image_tokens, max_length, image_token))
+    encoder = BatchEncoder(tokenizer, EncodeSpec(report.template, num_image_tokens, max_length, image_token, chat))
     rules = RecordRules(report.format == "vqa", allow_outside_images, max_image_pixels)
     return _check(report, iter_json_objects(path, tolerant=True), folder, rules, encoder, workers, listed)
 
 
 def check_table(source, tokenizer, template: str | None = None, max_length: int = 2048,
                 num_image_tokens: int = DEFAULT_IMAGE_TOKENS, image_token: str = IMAGE_TOKEN,
-                workers: int | None = None, listed: int = 10) -> CheckReport:
+                workers: int | None = None, listed: int = 10, chat: ChatFormat | None = None) -> CheckReport:
     """:func:`check_file` for a parquet or Hub source (a ``DataConfig``), its rows read as VQA records."""
     from qlora_med.data.tables import open_table
 
@@ -200,7 +199,7 @@ def check_table(source, tokenizer, template: str | None = None, max_length: int 
     report = CheckReport(table.label, format="vqa", max_length=max_length, num_image_tokens=num_image_tokens,
                          layout="Hub dataset" if source.hf else "parquet")
     report.template = template or STAGE_PRESETS[KIND_OF_FORMAT[report.format]].template
-    encoder = BatchEncoder(tokenizer, EncodeSpec(report.template, num_image_tokens, max_length, image_token))
+    encoder = BatchEncoder(tokenizer, EncodeSpec(report.template, num_image_tokens, max_length, image_token, chat))
     rules = RecordRules(True, source.allow_outside_images, source.max_image_pixels)
     return _check(report, table.rows(), folder, rules, encoder, workers, listed)
 
@@ -286,71 +285,6 @@ def _check(report: CheckReport, objects, folder: Path, rules: RecordRules, encod
             report.first_unusable.append(f"{rid} (#{number}): " + "; ".join(f"{r}: {m}" for r, m in issues))
     report.unusable = len(bad)
     return report
-
-
-def default_cache_dir() -> Path:
-    """``$XDG_CACHE_HOME/qlora-med`` (default ``~/.cache/qlora-med``)."""
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "qlora-med"
-
-
-def mistral_with_image_token(image_token: str, cache_dir: Path | None = None):
-    """The real Mistral-7B-Instruct-v0.2 tokenizer (no network) plus the LLaVA tokens.
-
-    Converting it from SentencePiece takes seconds, so the result is saved once under
-    ``<cache_dir>/tokenizers`` and loaded from there afterwards.
-    """
-    import hashlib
-
-    import mistral_common
-    from transformers import AutoTokenizer
-
-    from qlora_med.io import atomic_dir
-    from qlora_med.model.processor import add_llava_tokens, mistral_tokenizer
-
-    tag = hashlib.sha256(image_token.encode()).hexdigest()[:8]
-    saved = (cache_dir or default_cache_dir()) / "tokenizers" / f"mistral-v0.2-{mistral_common.__version__}-{tag}"
-    if (saved / "tokenizer.json").is_file():
-        return AutoTokenizer.from_pretrained(saved)
-    with tempfile.TemporaryDirectory() as tmp:
-        tokenizer = mistral_tokenizer(Path(tmp))
-    add_llava_tokens(tokenizer, image_token)
-    try:
-        with atomic_dir(saved) as tmp_dir:
-            tokenizer.save_pretrained(tmp_dir)
-    except OSError as err:  # a read-only home is fine: convert again next time
-        logger.debug("could not cache the tokenizer in %s: %s", saved, err)
-    return tokenizer
-
-
-def load_tokenizer(name_or_path: str | None, image_token: str = IMAGE_TOKEN,
-                   cache_dir: Path | None = None) -> tuple[Any, int]:
-    """The tokenizer (with the image token) and the image tokens per image.
-
-    Default: the real Mistral-7B-Instruct-v0.2 tokenizer (offline) and 576 image tokens. A LLaVA
-    model directory, or a Hub id ``org/name[@revision]`` (its configs and tokenizer files only, through the HF
-    cache), gives its own tokenizer and its vision tower's count.
-    """
-    if name_or_path is None:
-        return mistral_with_image_token(image_token, cache_dir), DEFAULT_IMAGE_TOKENS
-    from transformers import AutoConfig, AutoTokenizer
-
-    from qlora_med.model.processor import add_llava_tokens
-    from qlora_med.model.source import resolve_model
-
-    folder = resolve_model(name_or_path, key="--tokenizer", weights=False)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    n_image = DEFAULT_IMAGE_TOKENS
-    try:
-        config = AutoConfig.from_pretrained(folder)
-    except (OSError, ValueError):
-        config = None
-    if config is not None and hasattr(config, "vision_config"):
-        from qlora_med.model.family import tokens_from_config
-
-        n_image = tokens_from_config(config) or n_image
-    if image_token not in tokenizer.get_vocab():
-        add_llava_tokens(tokenizer, image_token)
-    return tokenizer, n_image
 
 
 def plot_lengths(report: CheckReport, out: Path) -> None:

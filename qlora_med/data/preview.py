@@ -2,11 +2,12 @@
 
 Each record is rendered with the recipe stage's template and encoded exactly as the training build encodes it
 (:func:`qlora_med.prompts.templates.render` + :func:`~qlora_med.prompts.templates.encode_batch`, the stage's
-``max_length``, the model's image tokens and tokenizer). The text report shows the rendered prompt, then the
-tokens with the trained ones highlighted (ANSI colour, or ``[brackets]`` when not writing to a terminal) and runs
-of image tokens collapsed to ``<image>xN``, and the counts of trained, masked and truncated tokens; the JSON report
-gives each record's ``input_ids`` and ``labels`` (image positions as the image token id), the template and the
-tokenizer mode.
+``max_length``, the model's tokenizer, image token and count, and chat format for ``chat_template``: those of
+:func:`qlora_med.data.model_text.load_model_text`). The text report shows the rendered prompt, then the tokens
+with the trained ones highlighted (ANSI colour, or ``[brackets]`` when not writing to a terminal) and runs of
+image tokens collapsed to ``<image>xN`` (the family's image token), and the counts of trained, masked and
+truncated tokens; the JSON report gives each record's ``input_ids`` and ``labels`` (image positions as the image
+token id), the template and the tokenizer mode.
 """
 
 from __future__ import annotations
@@ -17,9 +18,12 @@ from itertools import groupby
 from pathlib import Path
 from typing import Any
 
+from qlora_med.config.families import CHAT_TEMPLATE
 from qlora_med.config.schema import ModelConfig, RecipeConfig, StageConfig
+from qlora_med.data.model_text import ModelText, load_model_text
 from qlora_med.data.records import BadRecord, InvalidJSON, iter_json_objects, parse_record
 from qlora_med.errors import ConfigError
+from qlora_med.prompts.chat_render import ChatFormat
 from qlora_med.prompts.templates import IGNORE_INDEX, TEMPLATE_SPECS, encode_batch, render, tokenizer_mode
 from qlora_med.prompts.tokenization import describe
 
@@ -74,33 +78,42 @@ def stage_of(recipe: RecipeConfig, name: str | None) -> StageConfig:
     )
 
 
-def model_tokenizer(cfg: ModelConfig) -> tuple[Any, int]:
-    """The tokenizer training uses for this model (with the image token) and its image tokens per image.
+def recipe_model_text(cfg: ModelConfig, template: str | None = None) -> ModelText:
+    """What training encodes with for this model: its tokenizer (with the image token), tokens per image, image
+    token and, for template ``chat_template``, its chat format (:func:`~qlora_med.data.model_text.load_model_text`).
 
     A tiny model is built first if missing (seconds); compose mode reads the LLM's tokenizer and the vision
-    tower's config; otherwise the model's tokenizer and configs are read (a Hub model: those files only).
+    tower's config (no chat format: a ConfigError for ``chat_template``); otherwise the model's tokenizer and
+    configs are read (a Hub model: those files only).
     """
-    from qlora_med.data.check import load_tokenizer
-
     if cfg.vision_tower is not None:
         from transformers import AutoConfig
 
         from qlora_med.model.source import resolve_model
 
-        tokenizer, _ = load_tokenizer(cfg.llm, cfg.image_token)
+        if template == CHAT_TEMPLATE:
+            raise ConfigError(
+                "data preview: template chat_template needs the model's processor chat template, and compose mode "
+                "(model.vision_tower + model.llm) is previewed from the LLM's tokenizer and the tower's config only; "
+                "preview the composed model's folder (model.name_or_path) once training has composed it, or set "
+                "the stage's template to one of the kit's (e.g. llava_med_v15)"
+            )
+        text = load_model_text(cfg.llm, cfg.image_token)
         tower = AutoConfig.from_pretrained(
             resolve_model(cfg.vision_tower, key="model.vision_tower", weights=False)
         )
         tower = getattr(tower, "vision_config", tower)
-        return tokenizer, (tower.image_size // tower.patch_size) ** 2
+        text.image_tokens = (tower.image_size // tower.patch_size) ** 2
+        return text
     if cfg.tiny is not None:
         from qlora_med.model.build import base_model_dir
 
-        return load_tokenizer(str(base_model_dir(cfg)), cfg.image_token)
-    name = cfg.name_or_path
-    if cfg.revision is not None and "@" not in name:
-        name = f"{name}@{cfg.revision}"
-    return load_tokenizer(name, cfg.image_token)
+        name = str(base_model_dir(cfg))
+    else:
+        name = cfg.name_or_path
+        if cfg.revision is not None and "@" not in name:
+            name = f"{name}@{cfg.revision}"
+    return load_model_text(name, cfg.image_token, cfg.image_size, template)
 
 
 def preview_records(
@@ -111,8 +124,10 @@ def preview_records(
     max_length: int,
     image_token: str = "<image>",
     limit: int = 3,
+    chat: ChatFormat | None = None,
 ) -> Preview:
-    """Render and encode the first ``limit`` records of a LLaVA-Med JSON/JSONL file (images are not opened)."""
+    """Render and encode the first ``limit`` records of a LLaVA-Med JSON/JSONL file (images are not opened);
+    ``chat``: the model's chat format, for template ``chat_template``."""
     image_id = tokenizer.convert_tokens_to_ids(image_token)
     records: list[PreviewRecord] = []
     pending: list[tuple[PreviewRecord, list[tuple[str, str]]]] = []
@@ -132,7 +147,7 @@ def preview_records(
         pending.append((records[-1], record.rounds))
     if pending:
         rendered = [
-            render(template, rounds, image_token, tokenizer.bos_token, tokenizer.eos_token)
+            render(template, rounds, image_token, tokenizer.bos_token, tokenizer.eos_token, chat)
             for _, rounds in pending
         ]
         batch = encode_batch(tokenizer, rendered, image_id, num_image_tokens, max_length)
@@ -161,11 +176,12 @@ def preview_file(
 
     recipe = load_recipe(recipe_path, overrides)
     chosen = stage_of(recipe, stage)
-    tokenizer, n_image = model_tokenizer(recipe.model)
+    text = recipe_model_text(recipe.model, chosen.template)
     preview = preview_records(
-        path, tokenizer, chosen.template, n_image, chosen.max_length, recipe.model.image_token, limit
+        path, text.tokenizer, chosen.template, text.image_tokens, chosen.max_length, text.image_token, limit,
+        text.chat,
     )
-    return preview, tokenizer
+    return preview, text.tokenizer
 
 
 def _tokens(record: PreviewRecord, tokenizer, image_id: int, colour: bool) -> str:

@@ -3,7 +3,7 @@ composition, and their tokenizer / processor.
 
 Three ways in (:func:`base_model_dir`): a LLaVA folder or Hub id as it is (a Hub id is downloaded into the HF
 cache, :func:`qlora_med.model.source.resolve_model`); ``model.tiny`` (a tiny LLaVA built from config with the real
-Mistral tokenizer, :func:`build_tiny`); or composition (CLIP + LLM, each a folder or a Hub id, + fresh projector,
+Mistral tokenizer, :func:`qlora_med.model.tiny.build_tiny`); or composition (CLIP + LLM, each a folder or a Hub id, + fresh projector,
 :func:`compose`), written once under ``model.cache_dir``. Each is then loaded through the same
 ``from_pretrained`` path (:mod:`qlora_med.model.load`). Building never changes the caller's global RNG state:
 random init runs under :func:`torch.random.fork_rng`.
@@ -18,10 +18,11 @@ from pathlib import Path
 
 import torch
 
-from qlora_med.config.schema import ModelConfig, TinyModelConfig
+from qlora_med.config.schema import ModelConfig
 from qlora_med.io import atomic_dir
-from qlora_med.model.processor import add_llava_tokens, make_processor, mistral_tokenizer
+from qlora_med.model.processor import add_llava_tokens, make_processor
 from qlora_med.model.source import resolve_model
+from qlora_med.model.tiny import build_tiny_model
 
 logger = logging.getLogger(__name__)
 
@@ -33,57 +34,6 @@ def _init_projector(projector: torch.nn.Module, projector_type: str) -> None:
         with torch.no_grad():
             projector.linear_2.weight.copy_(torch.eye(projector.linear_2.weight.shape[0]))
             projector.linear_2.bias.zero_()
-
-
-def build_tiny(cfg: TinyModelConfig, out: Path, image_token: str = "<image>") -> Path:
-    """Write a tiny LLaVA (CLIP + Mistral from config, real Mistral tokenizer) to ``out``."""
-    from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration, MistralConfig
-
-    with atomic_dir(out) as tmp:
-        tokenizer = mistral_tokenizer(tmp)
-        add_llava_tokens(tokenizer, image_token)
-        vocab = (len(tokenizer) + 63) // 64 * 64
-        vision = CLIPVisionConfig(
-            hidden_size=cfg.vision_hidden,
-            intermediate_size=cfg.vision_hidden * 4,
-            num_hidden_layers=cfg.vision_layers,
-            num_attention_heads=cfg.vision_heads,
-            image_size=cfg.image_size,
-            patch_size=cfg.patch_size,
-            projection_dim=cfg.vision_hidden,
-        )
-        text = MistralConfig(
-            vocab_size=vocab,
-            hidden_size=cfg.text_hidden,
-            intermediate_size=cfg.text_intermediate,
-            num_hidden_layers=cfg.text_layers,
-            num_attention_heads=cfg.text_heads,
-            num_key_value_heads=cfg.text_kv_heads,
-            max_position_embeddings=4096,
-            sliding_window=None,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-            tie_word_embeddings=False,
-        )
-        config = LlavaConfig(
-            vision_config=vision,
-            text_config=text,
-            projector_hidden_act="gelu",
-            vision_feature_layer=-2,
-            vision_feature_select_strategy="default",
-            image_token_index=tokenizer.convert_tokens_to_ids(image_token),
-        )
-        with torch.random.fork_rng(devices=[]):  # seeded init; the caller's RNG (e.g. set_seed) is kept
-            torch.manual_seed(cfg.seed)
-            model = LlavaForConditionalGeneration(config)
-            # A random lm_head with the usual 0.02 init caps every logit below ~1 after the final norm,
-            # so a frozen head could barely fit anything; pretrained heads have far larger logits.
-            torch.nn.init.normal_(model.lm_head.weight, std=cfg.lm_head_std)
-        model.save_pretrained(tmp)
-        make_processor(tokenizer, cfg.image_size, cfg.patch_size, image_token).save_pretrained(tmp)
-    logger.info("built tiny LLaVA in %s", out)
-    return out
 
 
 def compose(cfg: ModelConfig) -> Path:
@@ -171,8 +121,6 @@ def base_model_dir(cfg: ModelConfig) -> Path:
     if cfg.tiny is not None:
         path = Path(cfg.name_or_path)
         if not (path / "config.json").is_file():
-            from qlora_med.model.tiny import build_tiny_model
-
             build_tiny_model(cfg.tiny, path, cfg.image_token)
         return path.resolve()
     from qlora_med.model.original import ensure_hf_layout, hub_tower_resolver

@@ -2,7 +2,7 @@
 
 :func:`build_tiny_model` writes one into a folder as the family's Hub release would look (weights, processor
 or tokenizer + image processor, chat template), so it loads through the real ``from_pretrained`` path. LLaVA is
-:func:`qlora_med.model.build.build_tiny`. LLaVA-NeXT and Gemma 3 use the real Mistral-v0.2 SentencePiece
+:func:`build_tiny`. LLaVA-NeXT and Gemma 3 use the real Mistral-v0.2 SentencePiece
 tokenizer (with Gemma's special tokens added for Gemma 3); no Qwen tokenizer ships on PyPI, so Qwen2.5-VL gets
 a small byte-level BPE trained on the repo's sample data. The chat templates are the families' own
 (``chat_templates/*.jinja``: llava-v1.6-mistral's, Qwen2-VL-Instruct's, Gemma 3's).
@@ -18,7 +18,7 @@ import torch
 
 from qlora_med.config.schema import TinyModelConfig
 from qlora_med.io import atomic_dir
-from qlora_med.model.processor import mistral_tokenizer
+from qlora_med.model.processor import add_llava_tokens, make_processor, mistral_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -173,11 +173,60 @@ def _gemma3(cfg: TinyModelConfig, tmp: Path) -> None:
 BUILDERS = {"llava_next": _llava_next, "qwen2_5_vl": _qwen2_5_vl, "gemma3": _gemma3}
 
 
+def build_tiny(cfg: TinyModelConfig, out: Path, image_token: str = "<image>") -> Path:
+    """Write a tiny LLaVA (CLIP + Mistral from config, real Mistral tokenizer) to ``out``."""
+    from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration, MistralConfig
+
+    with atomic_dir(out) as tmp:
+        tokenizer = mistral_tokenizer(tmp)
+        add_llava_tokens(tokenizer, image_token)
+        vocab = (len(tokenizer) + 63) // 64 * 64
+        vision = CLIPVisionConfig(
+            hidden_size=cfg.vision_hidden,
+            intermediate_size=cfg.vision_hidden * 4,
+            num_hidden_layers=cfg.vision_layers,
+            num_attention_heads=cfg.vision_heads,
+            image_size=cfg.image_size,
+            patch_size=cfg.patch_size,
+            projection_dim=cfg.vision_hidden,
+        )
+        text = MistralConfig(
+            vocab_size=vocab,
+            hidden_size=cfg.text_hidden,
+            intermediate_size=cfg.text_intermediate,
+            num_hidden_layers=cfg.text_layers,
+            num_attention_heads=cfg.text_heads,
+            num_key_value_heads=cfg.text_kv_heads,
+            max_position_embeddings=4096,
+            sliding_window=None,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            tie_word_embeddings=False,
+        )
+        config = LlavaConfig(
+            vision_config=vision,
+            text_config=text,
+            projector_hidden_act="gelu",
+            vision_feature_layer=-2,
+            vision_feature_select_strategy="default",
+            image_token_index=tokenizer.convert_tokens_to_ids(image_token),
+        )
+        with torch.random.fork_rng(devices=[]):  # seeded init; the caller's RNG (e.g. set_seed) is kept
+            torch.manual_seed(cfg.seed)
+            model = LlavaForConditionalGeneration(config)
+            # A random lm_head with the usual 0.02 init caps every logit below ~1 after the final norm,
+            # so a frozen head could barely fit anything; pretrained heads have far larger logits.
+            torch.nn.init.normal_(model.lm_head.weight, std=cfg.lm_head_std)
+        model.save_pretrained(tmp)
+        make_processor(tokenizer, cfg.image_size, cfg.patch_size, image_token).save_pretrained(tmp)
+    logger.info("built tiny LLaVA in %s", out)
+    return out
+
+
 def build_tiny_model(cfg: TinyModelConfig, out: Path, image_token: str = "<image>") -> Path:
     """Write the tiny model of ``cfg.family`` to ``out`` (atomically)."""
     if cfg.family == "llava":
-        from qlora_med.model.build import build_tiny
-
         return build_tiny(cfg, out, image_token)
     with atomic_dir(out) as tmp:
         BUILDERS[cfg.family](cfg, tmp)

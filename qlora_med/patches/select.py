@@ -165,6 +165,29 @@ def resolve_attn_implementation(name: str) -> str:
     return "sdpa"
 
 
+def padding_free_blocker(model: nn.Module) -> str:
+    """Why ``padding_free: auto`` leaves this model's batches padded ("" when packing pays): its family's entry in
+    the family table, or eager attention (packed rows would need transformers' T x T mask)."""
+    config = unwrap_model(model).config
+    family = BY_MODEL_TYPE.get(getattr(config, "model_type", None))
+    if family is not None and family.padding_free:
+        return f"{family.name}: {family.padding_free}"
+    attn_implementation = config.get_text_config()._attn_implementation
+    if attn_implementation not in ("sdpa", PACKED_SDPA) and not str(attn_implementation).startswith("flash_attention"):
+        return f"{attn_implementation} attention would need a T x T block-diagonal mask"
+    return ""
+
+
+def resolve_padding_free_setting(setting: bool | str, model: nn.Module) -> bool:
+    """The stage's ``padding_free`` as a bool: ``auto`` is on unless :func:`padding_free_blocker` says why not
+    (logged); true and false as given."""
+    if setting != "auto":
+        return bool(setting)
+    blocker = padding_free_blocker(model)
+    logger.info("padding-free batches (auto): %s", f"off, padded batches ({blocker})" if blocker else "on")
+    return not blocker
+
+
 def resolve_padding_free(enabled: bool, model: nn.Module) -> str | None:
     """How packed rows keep attention within each sample under the LLM's attention (None when off):
     ``packed_sdpa`` (sdpa), ``varlen`` (flash-attn) or ``mask`` (eager: transformers' T x T mask, warned)."""
@@ -220,10 +243,10 @@ class KernelSetup:
             self.handles.pop().undo()
 
 
-def apply_kernels(model: nn.Module, cfg: KernelsConfig, padding_free: bool = False) -> KernelSetup:
-    """Resolve ``cfg`` (and ``padding_free``) for the model's device and apply Liger, the fused NF4+LoRA
-    forward, the loss path and padding-free attention to ``model``; logs one line saying which path runs.
-    Returns the setup; the trainer reads ``setup.loss``."""
+def apply_kernels(model: nn.Module, cfg: KernelsConfig, padding_free: bool | str = False) -> KernelSetup:
+    """Resolve ``cfg`` (and ``padding_free``: a stage's setting) for the model's device and apply Liger, the fused
+    NF4+LoRA forward, the loss path and padding-free attention to ``model``; logs one line saying which path
+    runs. Returns the setup; the trainer reads ``setup.loss``."""
     device = model_device(model)
     handles: list[PatchHandle] = []
     liger = resolve_liger(cfg.liger)
@@ -243,7 +266,7 @@ def apply_kernels(model: nn.Module, cfg: KernelsConfig, padding_free: bool = Fal
     if loss == "chunked":
         chunk = resolve_chunk_size(cfg.chunk_size, model)
         handles.append(patch_causal_lm_loss(model, chunk_size=chunk, backend=resolve_loss_backend(device)))
-    padding_free = resolve_padding_free(padding_free, model) is not None
+    padding_free = resolve_padding_free(resolve_padding_free_setting(padding_free, model), model) is not None
     if padding_free:
         handles.append(enable_padding_free(model))
     setup = KernelSetup(bool(n_liger), backend, n_fused, loss, padding_free, chunk, handles)

@@ -203,7 +203,9 @@ def shape_from_recipe(recipe: object) -> ModelShape:
 
 
 def run_for_stage(recipe: object, stage: object, n_gpus: int = 1, device: str = "cuda") -> RunSpec:
-    """RunSpec of one recipe stage as configured (batch, accumulation, length, optimizer, LoRA)."""
+    """RunSpec of one recipe stage as configured (batch, accumulation, length, optimizer, LoRA); the ``auto``
+    settings planned the safe way (checkpointing on, batches padded): ``qlora-med plan`` and the runner decide
+    them."""
     lora, model, st = recipe.lora, recipe.model, stage  # type: ignore[attr-defined]
     optim = st.optim  # type: ignore[attr-defined]
     optimizer = ("paged_" if "paged" in optim else "") + ("adamw_8bit" if "8bit" in optim else "adamw")
@@ -219,5 +221,6 @@ def run_for_stage(recipe: object, stage: object, n_gpus: int = 1, device: str = 
         micro_batch=micro, grad_accum=accum, seq_len=st.max_length,
         lora_rank=lora.r if st.train.llm == "lora" else 0, lora_targets=targets, lora_dropout=lora.dropout,
         optimizer="paged_adamw_32bit" if optimizer == "paged_adamw" else optimizer,
-        grad_checkpointing=st.gradient_checkpointing, compute_dtype=dtype, quantization=model.quantization,
-        double_quant=model.double_quant, padded=not st.padding_free, device=device, n_gpus=n_gpus)
+        grad_checkpointing=st.gradient_checkpointing is not False, compute_dtype=dtype, quantization=model.quantization,
+        double_quant=model.double_quant, padded=st.padding_free is not True,  # auto: planned padded (the mask is small)
+        device=device, n_gpus=n_gpus)

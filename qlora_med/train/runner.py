@@ -8,6 +8,7 @@ and adapters (see ``qlora_med.train.trainable``). What ``final/`` records about 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -25,7 +26,7 @@ from qlora_med.io import atomic_dir, atomic_write_text
 from qlora_med.model.build import base_model_dir
 from qlora_med.model.family import chat_format, image_spec
 from qlora_med.model.load import load_model, resolve_compute_dtype
-from qlora_med.patches.select import apply_kernels
+from qlora_med.patches.select import apply_kernels, resolve_padding_free_setting
 from qlora_med.prompts.templates import tokenizer_mode
 from qlora_med.prompts.tokenization import save_training_tokenizer
 from qlora_med.train.autobatch import resolve_batch
@@ -61,6 +62,7 @@ def train_stage(recipe: RecipeConfig, stage: StageConfig) -> dict:
     with main_process_first():  # rank 0 builds tiny/composed models once; the others reuse them
         base_dir = base_model_dir(recipe.model)
     model, processor = load_model(recipe.model, base_dir, compute_dtype)
+    stage = dataclasses.replace(stage, padding_free=resolve_padding_free_setting(stage.padding_free, model))
     plan = BatchPlan(*resolve_batch(recipe, stage, launched_ranks()[1]))
     checkpointing = resolve_checkpointing(recipe, stage, launched_ranks()[1], plan.micro_batch, plan.accumulation)
     stage = with_checkpointing(stage, checkpointing)  # a bool from here on: model, trainer and stage.json

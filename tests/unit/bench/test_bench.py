@@ -113,14 +113,14 @@ def test_tiny_real_run_of_every_worker(tmp_path, monkeypatch):
     loss for the baseline and the kit (same model, same tokens); TRL trains and quantizes more, loss on every token."""
     spec = BenchSpec(model=TinyModelConfig(), model_name="tiny", batch_size=2, steps=1, warmup=1, rounds=1,
                      mixes=("instruct",), max_length=512, cache_dir=str(tmp_path / "cache"))  # fmt: skip
-    variants = [BY_NAME[n] for n in ("baseline", "trl", "kit_padding_free")]
+    variants = [BY_NAME[n] for n in ("baseline", "trl", "kit")]
     result = run_bench(spec, variants, runner=run_in_process)
     by = {s.variant: s for s in summarise(result)}
-    assert by["baseline"].first["losses"][0] == pytest.approx(by["kit_padding_free"].first["losses"][0], abs=1e-3)
-    assert by["kit_padding_free"].padding == pytest.approx(1.0) and by["baseline"].padding > 1.0
+    assert by["baseline"].first["losses"][0] == pytest.approx(by["kit"].first["losses"][0], abs=1e-3)
+    assert by["kit"].padding == pytest.approx(1.0) and by["baseline"].padding > 1.0
     assert by["trl"].loss_share == pytest.approx(1.0) and by["baseline"].loss_share < 1.0
     assert by["trl"].nf4 == "LLM+CLIP+projector" and by["trl"].lora_on == "LoRA LLM+CLIP+projector"
-    assert by["kit_padding_free"].lora_on == by["baseline"].lora_on == "LoRA LLM + full projector"
+    assert by["kit"].lora_on == by["baseline"].lora_on == "LoRA LLM + full projector"
     assert all(s.mfu and s.median("tok_s") > 0 for s in by.values())
     assert result.workload["instruct"]["samples"] == 4
     monkeypatch.setattr(report, "plot", lambda summaries, path: False)

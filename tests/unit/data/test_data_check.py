@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from qlora_med.cli import main as cli_main
-from qlora_med.data.check import check_file, load_tokenizer
+from qlora_med.data.check import check_file
+from qlora_med.data.model_text import load_model_text
 
 SAMPLE = Path(__file__).resolve().parents[3] / "data" / "sample"
 
@@ -20,13 +21,13 @@ def _rec(rid, image="cell.png", turns=None):
 
 
 @pytest.fixture(scope="module")
-def tokenizer(tiny_dir):
-    return load_tokenizer(str(tiny_dir))
+def model_text(tiny_dir):
+    return load_model_text(str(tiny_dir))
 
 
 @pytest.mark.parametrize("name", ["alignment", "instruct", "vqa_train", "vqa_test"])
-def test_sample_files_are_clean(tokenizer, name):
-    tok, n_image = tokenizer
+def test_sample_files_are_clean(model_text, name):
+    tok, n_image = model_text.tokenizer, model_text.image_tokens
     report = check_file(SAMPLE / f"{name}.json", SAMPLE / "images", tok, num_image_tokens=n_image, max_length=64)
     assert report.ok and report.unusable == 0 and not report.problems
     assert report.records == len(json.loads((SAMPLE / f"{name}.json").read_text()))
@@ -67,8 +68,8 @@ def _broken(folder: Path) -> Path:
     return path
 
 
-def test_broken_file_counts_every_problem(tokenizer, tmp_path):
-    tok, n_image = tokenizer
+def test_broken_file_counts_every_problem(model_text, tmp_path):
+    tok, n_image = model_text.tokenizer, model_text.image_tokens
     report = check_file(_broken(tmp_path), tmp_path, tok, num_image_tokens=n_image)
     assert report.layout == "JSONL" and report.records == 8 and not report.ok
     assert dict(report.problems) == {"missing_image": 1, "no_image_token": 1, "role_order": 1, "duplicate_id": 1,
@@ -92,8 +93,8 @@ def test_cli_on_broken_file_exits_nonzero_and_lists_ids(tiny_dir, tmp_path, caps
     assert "role-order problems      1" in out and "duplicate ids            1" in out
 
 
-def test_max_length_too_small_for_the_image_is_unusable(tokenizer, tmp_path):
-    tok, _ = tokenizer
+def test_max_length_too_small_for_the_image_is_unusable(model_text, tmp_path):
+    tok = model_text.tokenizer
     shutil.copy(SAMPLE / "images" / "cell.png", tmp_path / "cell.png")
     path = tmp_path / "d.json"
     path.write_text(json.dumps([_rec("a", turns=[{"from": "human", "value": "Long question " * 20 + "<image>"},

@@ -8,7 +8,7 @@ from helpers.hub_env import fetched_files, folder_files, serve_hub
 from helpers.hub_standin import HubModel
 
 from qlora_med.cli import main as cli_main
-from qlora_med.data.check import load_tokenizer
+from qlora_med.data.model_text import load_model_text
 
 SAMPLE = Path(__file__).resolve().parents[3] / "data" / "sample"
 
@@ -16,11 +16,10 @@ SAMPLE = Path(__file__).resolve().parents[3] / "data" / "sample"
 def test_tokenizer_of_a_hub_model_without_its_weights(tiny_dir, tmp_path, monkeypatch, capsys):
     with serve_hub(monkeypatch, tmp_path / "hf-cache") as hub:
         hub.state.models["org/tiny-llava"] = HubModel(folder_files(tiny_dir))
-        tokenizer, n_image = load_tokenizer("org/tiny-llava")
-        local, _ = load_tokenizer(str(tiny_dir))
+        text, local = load_model_text("org/tiny-llava"), load_model_text(str(tiny_dir))
         assert (
-            n_image == 16
-            and tokenizer("<image>\nA cell.")["input_ids"] == local("<image>\nA cell.")["input_ids"]
+            text.image_tokens == 16
+            and text.tokenizer("<image>\nA cell.")["input_ids"] == local.tokenizer("<image>\nA cell.")["input_ids"]
         )
         assert "model.safetensors" not in fetched_files(hub) and "tokenizer.json" in fetched_files(hub)
         code = cli_main(

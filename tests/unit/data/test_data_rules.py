@@ -19,9 +19,10 @@ from PIL import Image
 from qlora_med.cli import main as cli
 from qlora_med.config.schema import DataConfig, StageConfig
 from qlora_med.data.build import build_stage_dataset
-from qlora_med.data.check import check_file, load_tokenizer
+from qlora_med.data.check import check_file
 from qlora_med.data.collate import VisionCollator
 from qlora_med.data.images import ImageTooLarge, load_image, mean_colour, pad_colour
+from qlora_med.data.model_text import load_model_text
 from qlora_med.data.records import iter_json_objects
 from qlora_med.errors import ConfigError, DataError
 
@@ -44,8 +45,8 @@ def folder(tmp_path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def tokenizer(tiny_dir):
-    return load_tokenizer(str(tiny_dir))
+def model_text(tiny_dir):
+    return load_model_text(str(tiny_dir))
 
 
 def _stage(path: Path, folder: Path, kind: str = "instruct", **data) -> StageConfig:
@@ -184,7 +185,7 @@ def test_pil_global_limit_is_left_alone():
     assert Image.MAX_IMAGE_PIXELS == int(1024 * 1024 * 1024 // 4 // 3)  # PIL's own default
 
 
-def test_a_decompression_bomb_is_a_record_level_problem(processor, folder, tmp_path, tokenizer):
+def test_a_decompression_bomb_is_a_record_level_problem(processor, folder, tmp_path, model_text):
     _png_header(folder / "bomb.png", 30000, 30000)
     path = _write(tmp_path / "d.json", [_rec("good"), _rec("bomb", image="bomb.png")])
     with pytest.raises(DataError) as err:
@@ -194,7 +195,7 @@ def test_a_decompression_bomb_is_a_record_level_problem(processor, folder, tmp_p
                               "decompression bomb") and "on_bad_record: skip" in message and "\n" not in message
     dataset, stats = _build(_stage(path, folder, on_bad_record="skip"), processor, tmp_path / "cache")
     assert dataset["id"] == ["good"] and stats.sources[0].skipped == {"image_too_large": 1}
-    tok, n_image = tokenizer
+    tok, n_image = model_text.tokenizer, model_text.image_tokens
     report = check_file(path, folder, tok, num_image_tokens=n_image)
     assert report.problems == {"image_too_large": 1} and report.images_too_large == 1 and not report.ok
     assert "1 too large" in report.text()
@@ -262,9 +263,9 @@ def test_large_embedded_images_are_shrunk_once(processor, tmp_path):
 # --- 3. one record rule set ----------------------------------------------------------------------------------------
 
 
-def test_image_token_in_an_answer_is_refused_by_check_and_training(processor, folder, tmp_path, tokenizer):
+def test_image_token_in_an_answer_is_refused_by_check_and_training(processor, folder, tmp_path, model_text):
     path = _write(tmp_path / "d.json", [_rec("good"), _rec("leak", a="See <image> here.")])
-    tok, n_image = tokenizer
+    tok, n_image = model_text.tokenizer, model_text.image_tokens
     report = check_file(path, folder, tok, num_image_tokens=n_image)
     assert report.problems == {"image_token": 1} and report.unusable == 1
     assert "turn 1 (human), turn 2 (gpt)" in report.first_unusable[0]
@@ -276,12 +277,12 @@ def test_image_token_in_an_answer_is_refused_by_check_and_training(processor, fo
     assert stats.sources[0].skipped == {"image_token": 1}
 
 
-def test_vqa_record_without_answer_type_is_refused_as_eval_score_refuses_it(processor, folder, tmp_path, tokenizer):
+def test_vqa_record_without_answer_type_is_refused_as_eval_score_refuses_it(processor, folder, tmp_path, model_text):
     from qlora_med.eval.metrics import load_vqa_examples
 
     records = [_rec(1, answer_type="CLOSED", a="yes"), _rec(2, a="no"), _rec(3, answer_type="open")]
     path = _write(tmp_path / "vqa.json", records)
-    tok, n_image = tokenizer
+    tok, n_image = model_text.tokenizer, model_text.image_tokens
     report = check_file(path, folder, tok, num_image_tokens=n_image)
     assert report.format == "vqa" and report.problems == {"answer_type": 1}
     assert report.first_unusable == ["2 (#2): answer_type: has no answer_type: a VQA file needs OPEN or CLOSED in "
@@ -294,7 +295,7 @@ def test_vqa_record_without_answer_type_is_refused_as_eval_score_refuses_it(proc
         load_vqa_examples(path, pred)
 
 
-def test_invalid_utf8_is_named_by_line_and_byte_offset(folder, tmp_path, tokenizer, tiny_dir, caplog):
+def test_invalid_utf8_is_named_by_line_and_byte_offset(folder, tmp_path, model_text, tiny_dir, caplog):
     good = json.dumps(_rec("a")).encode()
     jsonl = tmp_path / "d.jsonl"
     jsonl.write_bytes(good + b"\n" + good.replace(b"A cell.", b"Caf\xe9.").replace(b'"a"', b'"b"') + b"\n")
@@ -303,7 +304,7 @@ def test_invalid_utf8_is_named_by_line_and_byte_offset(folder, tmp_path, tokeniz
         list(iter_json_objects(jsonl))
     assert str(err.value).startswith(f"{jsonl}: line 2: not valid UTF-8 at byte offset {offset} (bytes e9")
     assert "re-encode it as UTF-8" in str(err.value)
-    tok, n_image = tokenizer
+    tok, n_image = model_text.tokenizer, model_text.image_tokens
     report = check_file(jsonl, folder, tok, num_image_tokens=n_image)
     assert report.problems == {"invalid_utf8": 1} and report.records == 2 and report.unusable == 1
     listed = tmp_path / "d.json"
@@ -315,13 +316,13 @@ def test_invalid_utf8_is_named_by_line_and_byte_offset(folder, tmp_path, tokeniz
 
 
 @pytest.mark.parametrize("layout", ["JSON list", "JSONL"])
-def test_a_utf8_bom_is_tolerated(folder, tmp_path, tokenizer, layout):
+def test_a_utf8_bom_is_tolerated(folder, tmp_path, model_text, layout):
     records = [_rec(f"r{i}") for i in range(6)]
     text = json.dumps(records, indent=1) if layout == "JSON list" else "\n".join(map(json.dumps, records))
     path = tmp_path / "bom.json"
     path.write_bytes(b"\xef\xbb\xbf" + text.encode())
     assert [o["id"] for _, o in iter_json_objects(path)] == [f"r{i}" for i in range(6)]
-    tok, n_image = tokenizer
+    tok, n_image = model_text.tokenizer, model_text.image_tokens
     report = check_file(path, folder, tok, num_image_tokens=n_image)
     assert report.ok and report.records == 6 and report.layout == layout
 

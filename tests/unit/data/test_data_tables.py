@@ -21,8 +21,9 @@ from qlora_med.config.loader import load_recipe
 from qlora_med.config.schema import DataConfig, StageConfig
 from qlora_med.config.sources import TABLE_COLUMNS
 from qlora_med.data.build import build_stage_dataset
-from qlora_med.data.check import check_table, load_tokenizer
+from qlora_med.data.check import check_table
 from qlora_med.data.collate import VisionCollator
+from qlora_med.data.model_text import load_model_text
 from qlora_med.data.tables import cli_source, infer_answer_type, open_table
 from qlora_med.errors import ConfigError, DataError, QloraMedError
 
@@ -70,8 +71,8 @@ def offline_cache(tmp_path, monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def tokenizer(tiny_dir):
-    return load_tokenizer(str(tiny_dir))
+def model_text(tiny_dir):
+    return load_model_text(str(tiny_dir))
 
 
 def _parquet(path: Path, columns: dict[str, list], features=None) -> Path:
@@ -167,8 +168,8 @@ def test_parquet_without_image_column_is_one_clear_line(tmp_path, tiny_dir, capl
         open_table(DataConfig(path=str(bare), columns={"image": "n"}))
 
 
-def test_data_check_counts_an_undecodable_embedded_image(vqa_rad, tmp_path, tokenizer, tiny_dir, capsys):
-    tok, n_image = tokenizer
+def test_data_check_counts_an_undecodable_embedded_image(vqa_rad, tmp_path, model_text, tiny_dir, capsys):
+    tok, n_image = model_text.tokenizer, model_text.image_tokens
     report = check_table(
         DataConfig(path=str(vqa_rad / "data" / "*.parquet")), tok, num_image_tokens=n_image, max_length=64
     )

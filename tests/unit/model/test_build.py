@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import load_file
 
 from qlora_med.config.schema import TinyModelConfig
-from qlora_med.model.build import build_tiny
+from qlora_med.model.tiny import build_tiny
 
 
 def test_build_tiny_keeps_the_callers_rng_and_is_seeded(tmp_path, tiny_dir):

@@ -63,7 +63,7 @@ def parts(tmp_path_factory):
     """A tiny CLIP vision tower and a tiny Mistral (with tokenizer), as the files of two Hub repos."""
     from transformers import CLIPVisionConfig, CLIPVisionModel, MistralConfig, MistralForCausalLM
 
-    from qlora_med.model.build import mistral_tokenizer
+    from qlora_med.model.processor import mistral_tokenizer
 
     root = tmp_path_factory.mktemp("hub-parts")
     torch.manual_seed(0)

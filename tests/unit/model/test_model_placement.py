@@ -112,7 +112,7 @@ def parts(tmp_path_factory):
     """A tiny CLIP vision dir and a tiny Mistral dir, as a user would have downloaded them."""
     from transformers import CLIPVisionConfig, CLIPVisionModel, MistralConfig, MistralForCausalLM
 
-    from qlora_med.model.build import mistral_tokenizer
+    from qlora_med.model.processor import mistral_tokenizer
 
     root = tmp_path_factory.mktemp("parts")
     torch.manual_seed(0)

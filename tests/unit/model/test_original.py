@@ -20,8 +20,8 @@ from safetensors.torch import load_file, save_file
 from qlora_med import cli
 from qlora_med.errors import QloraMedError
 from qlora_med.model import original
-from qlora_med.model.build import mistral_tokenizer
 from qlora_med.model.original import convert_original, ensure_hf_layout, is_original_layout
+from qlora_med.model.processor import mistral_tokenizer
 from qlora_med.model.source import resolve_model
 
 ROOT = Path(__file__).resolve().parents[3]

@@ -90,7 +90,7 @@ def train(tiny_dir: Path, tmp_path: Path, overrides: list[str]) -> tuple[list[fl
     return [h["loss"] for h in logs], setup.summary(), logs[-1]
 
 
-PLAIN = ["kernels.nf4_lora=off", "kernels.loss=full", "kernels.liger=off"]
+PLAIN = ["kernels.nf4_lora=off", "kernels.loss=full", "kernels.liger=off", "stages.align.padding_free=false"]
 NO_DROPOUT = ["lora.dropout=0.0"]  # packed rows draw other LoRA dropout masks than padded batches
 
 
@@ -115,9 +115,9 @@ def test_plain_path_resolves_and_logs_metrics(plain):
 @pytest.mark.parametrize(
     ("overrides", "expected"),
     [
-        ([], {"nf4_lora": "torch", "loss": "chunked", "padding_free": False}),  # auto on CPU
+        (NO_DROPOUT, {"nf4_lora": "torch", "loss": "chunked", "padding_free": True}),  # the defaults on CPU
         (
-            ["kernels.loss=trl", "kernels.nf4_lora=on"],
+            ["kernels.loss=trl", "kernels.nf4_lora=on", "stages.align.padding_free=false"],
             {"nf4_lora": "torch", "loss": "trl", "padding_free": False},
         ),
         (
@@ -145,7 +145,7 @@ def test_kernel_switches_validate_in_recipes():
     recipe = load_recipe(DEMO, ["kernels.loss=trl", "kernels.nf4_lora=off", "kernels.chunk_size=512",
                                 "stages.instruct.padding_free=true"])  # fmt: skip
     assert recipe.kernels == KernelsConfig(liger="auto", nf4_lora="off", loss="trl", chunk_size=512)
-    assert recipe.stage("instruct").padding_free and not recipe.stage("align").padding_free
+    assert recipe.stage("instruct").padding_free is True and recipe.stage("align").padding_free == "auto"
     assert load_recipe(DEMO).kernels == KernelsConfig()
     with pytest.raises(ConfigError, match=r"kernels\.loss: 'chunkd' is not one of .*did you mean 'chunked'"):
         load_recipe(DEMO, ["kernels.loss=chunkd"])
@@ -156,7 +156,7 @@ def test_kernel_switches_validate_in_recipes():
         load_recipe(DEMO, ["kernels.nf4_lora=on", "model.quantization=none"])
     with pytest.raises(ConfigError, match=r"kernels\.chunk_size must be positive"):
         load_recipe(DEMO, ["kernels.chunk_size=0"])
-    with pytest.raises(ConfigError, match=r"stages\.align\.padding_free: expected true or false"):
+    with pytest.raises(ConfigError, match=r"stages\.align\.padding_free: .*true.*false.*auto"):
         load_recipe(DEMO, ["stages.align.padding_free=maybe"])
     with pytest.raises(ConfigError, match=r"unknown key 'kernels\.fused'"):
         load_recipe(DEMO, ["kernels.fused=on"])

@@ -110,7 +110,7 @@ def _old_format_tokenizer(tok, folder: Path):
 def test_ids_do_not_depend_on_how_the_tokenizer_was_saved(tok, tmp_path):
     from transformers import LlamaTokenizer
 
-    from qlora_med.model.build import add_llava_tokens
+    from qlora_med.model.processor import add_llava_tokens
 
     shutil.copy(SP_MODEL, tmp_path / "tokenizer.model")
     variants = {
