@@ -89,7 +89,8 @@ def build_trainer(payload: dict, callbacks: list, workdir: Path):
     model, processor = load_model(model_cfg, Path(payload["model_dir"]), dtype)
     recipe = RecipeConfig(output_dir=str(workdir / "out"), model=model_cfg, stages=[stage], lora=lora, kernels=kernels)
     stage = replace(stage, padding_free=resolve_padding_free_setting(stage.padding_free, model))  # as the runner
-    stage = with_checkpointing(stage, resolve_checkpointing(recipe, stage, 1, stage.per_device_batch_size, 1))
+    stage = with_checkpointing(stage, resolve_checkpointing(recipe, stage, 1, stage.per_device_batch_size, 1,
+                                                                Path(payload["model_dir"])))
     model = setup_trainable(model, stage.train, lora, None, stage.gradient_checkpointing)
     setup = apply_kernels(model, kernels, stage.padding_free)
     images = image_spec(model.config, processor, model_cfg.image_size, model_cfg.image_token)

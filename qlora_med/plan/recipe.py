@@ -155,6 +155,15 @@ def _llm_by_name(value: str) -> LLMShape | None:
     return None
 
 
+def shape_for_run(recipe: object, model_dir: Path | None = None) -> ModelShape:
+    """The shape a launch plans with: ``model_dir``'s config.json (the resolved base model: no Hub request), else
+    :func:`shape_from_recipe`."""
+    if model_dir is None:
+        return shape_from_recipe(recipe)
+    side = getattr(recipe.model, "image_size", None)  # type: ignore[attr-defined]
+    return shape_from_config_dict(json.loads((Path(model_dir) / "config.json").read_text()), Path(model_dir).name, side)
+
+
 def shape_from_recipe(recipe: object) -> ModelShape:
     """Model shape of a ``RecipeConfig``: the tiny builder's sizes, ``model.name_or_path``'s config.json (a local
     folder's, or a Hub model's: that one file is fetched), the compose-mode ``model.vision_tower`` + ``model.llm``

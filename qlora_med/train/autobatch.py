@@ -27,9 +27,10 @@ def device_memory_gib() -> tuple[float, str]:
     raise ConfigError("per_device_batch_size: auto needs /proc/meminfo on CPU; set the batch explicitly")
 
 
-def resolve_batch(recipe: RecipeConfig, stage: StageConfig, world_size: int) -> tuple[int, int]:
+def resolve_batch(recipe: RecipeConfig, stage: StageConfig, world_size: int,
+                  model_dir: Path | None = None) -> tuple[int, int]:
     """(micro-batch, accumulation) for ``world_size`` processes: fixed or derived, or the planner's largest
-    micro-batch that fits. Logs the global batch it makes."""
+    micro-batch that fits (the model's shape from ``model_dir``, else the recipe). Logs the global batch it makes."""
     if stage.per_device_batch_size != "auto":
         batch = stage_batch(stage, world_size)
         unset = "" if stage.global_batch_size is not None else " (global_batch_size unset: it follows the process count)"
@@ -37,13 +38,13 @@ def resolve_batch(recipe: RecipeConfig, stage: StageConfig, world_size: int) -> 
                     batch.global_batch, batch.micro_batch, batch.accumulation, world_size, unset)
         return batch.micro_batch, batch.accumulation
     from qlora_med.plan.estimate import choose_settings
-    from qlora_med.plan.recipe import run_for_stage, shape_from_recipe
+    from qlora_med.plan.recipe import run_for_stage, shape_for_run
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     gib, name = device_memory_gib()
     fixed = dataclasses.replace(stage, per_device_batch_size=1, gradient_accumulation_steps=1, global_batch_size=None)
     base = run_for_stage(recipe, fixed, n_gpus=world_size, device=device)
-    choice = choose_settings(shape_from_recipe(recipe), gib, n_gpus=world_size, global_batch=stage.global_batch_size,
+    choice = choose_settings(shape_for_run(recipe, model_dir), gib, n_gpus=world_size, global_batch=stage.global_batch_size,
                              seq=stage.max_length, base=base, min_seq=stage.max_length)
     if choice is None:
         raise ConfigError(

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 from qlora_med.config.schema import RecipeConfig, StageConfig
 from qlora_med.train.autobatch import device_memory_gib
@@ -45,21 +46,22 @@ def decide(planned_peak_gib: float, device_gib: float, margin: float = MARGIN) -
 
 
 def resolve_checkpointing(recipe: RecipeConfig, stage: StageConfig, world_size: int, micro_batch: int,
-                          accumulation: int) -> CheckpointingDecision:
-    """The stage's checkpointing for this launch: as configured, or (``auto``) the planner's decision, logged."""
+                          accumulation: int, model_dir: Path | None = None) -> CheckpointingDecision:
+    """The stage's checkpointing for this launch: as configured, or (``auto``) the planner's decision, logged; the
+    model's shape from ``model_dir``'s config.json (the resolved base: no Hub request), else from the recipe."""
     if stage.gradient_checkpointing != "auto":
         return CheckpointingDecision(bool(stage.gradient_checkpointing), stage.gradient_checkpointing)
     import torch
 
     from qlora_med.plan.estimate import GIB, estimate_memory
-    from qlora_med.plan.recipe import run_for_stage, shape_from_recipe
+    from qlora_med.plan.recipe import run_for_stage, shape_for_run
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     gib, name = device_memory_gib()
     fixed = dataclasses.replace(stage, per_device_batch_size=micro_batch, gradient_accumulation_steps=accumulation,
                                 global_batch_size=None, gradient_checkpointing=False)  # fmt: skip
     run = run_for_stage(recipe, fixed, n_gpus=world_size, device=device)
-    peak = estimate_memory(shape_from_recipe(recipe), run).peak_bytes / GIB
+    peak = estimate_memory(shape_for_run(recipe, model_dir), run).peak_bytes / GIB
     enabled = decide(peak, gib)
     logger.info(
         "stage %s: gradient checkpointing %s (auto): the step without it is planned at %.1f GiB, %s the %.1f GiB "

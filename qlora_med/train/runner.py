@@ -63,8 +63,9 @@ def train_stage(recipe: RecipeConfig, stage: StageConfig) -> dict:
         base_dir = base_model_dir(recipe.model)
     model, processor = load_model(recipe.model, base_dir, compute_dtype)
     stage = dataclasses.replace(stage, padding_free=resolve_padding_free_setting(stage.padding_free, model))
-    plan = BatchPlan(*resolve_batch(recipe, stage, launched_ranks()[1]))
-    checkpointing = resolve_checkpointing(recipe, stage, launched_ranks()[1], plan.micro_batch, plan.accumulation)
+    plan = BatchPlan(*resolve_batch(recipe, stage, launched_ranks()[1], base_dir))
+    checkpointing = resolve_checkpointing(recipe, stage, launched_ranks()[1], plan.micro_batch, plan.accumulation,
+                                          base_dir)
     stage = with_checkpointing(stage, checkpointing)  # a bool from here on: model, trainer and stage.json
     model = setup_trainable(model, stage.train, recipe.lora, previous, stage.gradient_checkpointing)
     kernels = apply_kernels(model, recipe.kernels, stage.padding_free)  # logs which path runs
@@ -97,7 +98,10 @@ def train_stage(recipe: RecipeConfig, stage: StageConfig) -> dict:
             callbacks=[stop],
         )
 
-    trainer, plan = train_with_oom_fallback(make_trainer, plan, out)
+    try:
+        trainer, plan = train_with_oom_fallback(make_trainer, plan, out)
+    finally:
+        stop.restore()  # also when training raised: the caller's Ctrl-C handling comes back
     if stop.received is not None:
         step = trainer.state.global_step
         raise Interrupted(f"stage {stage.name}: stopped by {stop.received} after step {step}; checkpoint "

@@ -27,7 +27,9 @@ class Interrupted(QloraMedError):
 
 
 class StopOnSignal(TrainerCallback):
-    """Install handlers at train begin, request save + stop at the next step end, restore them at train end."""
+    """Install handlers at train begin, request save + stop at the next step end, restore them at train end (and
+    in :meth:`restore`, which the runner calls however training ended). A second train begin on the same
+    callback (the OOM fallback's retry) keeps the handlers it saved first."""
 
     def __init__(self) -> None:
         self.received: str | None = None
@@ -36,19 +38,22 @@ class StopOnSignal(TrainerCallback):
     def _handle(self, signum: int, _frame: FrameType | None) -> None:
         name = signal.Signals(signum).name
         if self.received is not None:  # the second signal: give up on the graceful path
-            self._restore()
+            self.restore()
             signal.raise_signal(signum)
             return
         self.received = name
         logger.warning("%s received: finishing this step, saving a checkpoint, then stopping (send it again to "
                        "stop at once, losing the step)", name)
 
-    def _restore(self) -> None:
+    def restore(self) -> None:
+        """Put back the handlers that were there before train begin (a no-op when none are installed)."""
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
         self._previous.clear()
 
     def on_train_begin(self, args, state, control, **kwargs):
+        if self._previous:  # installed by an earlier attempt of this stage
+            return control
         try:
             self._previous = {s: signal.signal(s, self._handle) for s in SIGNALS}
         except ValueError:  # not the main thread (e.g. a notebook worker): keep the default behaviour
@@ -62,5 +67,5 @@ class StopOnSignal(TrainerCallback):
         return control
 
     def on_train_end(self, args, state, control, **kwargs):
-        self._restore()
+        self.restore()
         return control

@@ -69,3 +69,24 @@ def test_run_downloads_once_trains_and_reuses_the_cache(recipe, tiny_dir, tmp_pa
             "HF_HUB_OFFLINE), or unset HF_HUB_OFFLINE"
         ]
         assert hub.state.requests == []
+
+
+@pytest.mark.parametrize("family", ["llava_next", "qwen2_5_vl", "gemma3"])
+def test_other_families_train_from_a_hub_id(family, recipe, tmp_path, monkeypatch, caplog):
+    """Each family's tiny model served as a Hub repo: validate names the family, and the align stage trains with
+    the model's own chat template from the files the download brought (processor, chat template, tokenizer)."""
+    from qlora_med.config.schema import TinyModelConfig
+    from qlora_med.model.tiny import build_tiny_model
+
+    folder = build_tiny_model(TinyModelConfig(family=family), tmp_path / family)
+    repo = f"org/tiny-{family}"
+    overrides = [f"model.name_or_path={repo}", "stages.align.template=chat_template", f"output_dir={tmp_path / 'run'}"]
+    with serve_hub(monkeypatch, tmp_path / "hf-cache") as hub:
+        hub.state.models[repo] = HubModel(folder_files(folder))
+        caplog.set_level(logging.INFO)
+        assert cli_main(["validate", str(recipe), *overrides]) == 0
+        assert f"family {family}" in caplog.text
+        assert cli_main(["run", str(recipe), *overrides]) == 0
+        assert {"chat_template.jinja", "preprocessor_config.json"} & fetched_files(hub)
+    info = json.loads((tmp_path / "run" / "align" / "final" / "stage.json").read_text())
+    assert info["steps"] == 2 and info["template"] == "chat_template" and info["loss_first"] > 0

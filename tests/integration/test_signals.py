@@ -59,6 +59,7 @@ def test_ctrl_c_requests_save_and_stop_and_a_second_one_is_not_caught():
 
     from qlora_med.train.signals import StopOnSignal
 
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a fresh CLI process
     stop, control = StopOnSignal(), TrainerControl()
     stop.on_train_begin(None, None, control)
     try:
@@ -71,6 +72,7 @@ def test_ctrl_c_requests_save_and_stop_and_a_second_one_is_not_caught():
     finally:
         stop.on_train_end(None, None, control)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    signal.signal(signal.SIGINT, before)
 
 
 def test_unexpected_failure_is_one_line_and_verbose_gives_the_traceback(monkeypatch, caplog):
@@ -95,3 +97,29 @@ def test_os_errors_are_named():
     denied = PermissionError(errno.EACCES, "Permission denied", "/runs")
     assert describe_failure(denied) == "Permission denied: /runs: choose a writable output folder or fix its permissions"
     assert describe_failure(ValueError("bad")) == "ValueError: bad (run with -v for the traceback)"
+
+
+def test_handlers_come_back_after_a_retry_and_after_a_crash():
+    """The OOM fallback begins training twice on one callback; a crash never reaches train end: either way the
+    process's own SIGINT handler is back afterwards."""
+    from transformers import TrainerControl
+
+    from qlora_med.train.signals import StopOnSignal
+
+    def mine(signum, frame):
+        return None
+
+    before = signal.signal(signal.SIGINT, mine)
+    try:
+        stop, control = StopOnSignal(), TrainerControl()
+        stop.on_train_begin(None, None, control)
+        stop.on_train_begin(None, None, control)  # the retry
+        assert signal.getsignal(signal.SIGINT) == stop._handle
+        stop.on_train_end(None, None, control)
+        assert signal.getsignal(signal.SIGINT) is mine
+        crashed = StopOnSignal()
+        crashed.on_train_begin(None, None, control)
+        crashed.restore()  # what the runner does when training raised
+        assert signal.getsignal(signal.SIGINT) is mine
+    finally:
+        signal.signal(signal.SIGINT, before)
