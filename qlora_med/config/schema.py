@@ -272,6 +272,10 @@ class StageConfig:
     save_total_limit: int = _f(2, "complete checkpoints kept per stage")
     logging_steps: int = _f(10, "log loss every N steps")
     dataloader_workers: int = _f(0, "DataLoader worker processes (image decoding)")
+    sampling: Literal["auto", "random", "group_by_length"] = _f(
+        "auto", "order of samples: random, or group_by_length (micro-batches of similar lengths: less padding, "
+        "as LLaVA's own scripts group); auto: group_by_length when batches are padded, random when packed"
+    )
     padding_free: bool | Literal["auto"] = _f(
         "auto",
         "pack each micro-batch into one row (position_ids restart per sample, attention kept within each "

@@ -68,8 +68,17 @@ def check_tracker(report_to: str) -> None:
                           f"`pip install {package}` (or `pip install -e .[tracking]`), or set report_to: none")
 
 
+def sampling_strategy(stage: StageConfig) -> str:
+    """The Trainer's ``train_sampling_strategy`` for the stage's ``sampling`` (``auto``: grouped by length when
+    the stage's batches are padded, which needs ``padding_free`` resolved to a bool)."""
+    if stage.sampling != "auto":
+        return stage.sampling
+    return "random" if stage.padding_free is True or stage.per_device_batch_size == 1 else "group_by_length"
+
+
 def sft_config(stage: StageConfig, output_dir: Path, seed: int, compute_dtype: torch.dtype, report_to: str) -> SFTConfig:
-    """The SFTConfig for a stage (our collator does templating, masking and truncation)."""
+    """The SFTConfig for a stage (our collator does templating, masking and truncation; lengths for grouped
+    sampling are the encoded ``num_tokens``)."""
     on_gpu = torch.cuda.is_available()
     return SFTConfig(
         output_dir=str(output_dir),
@@ -96,6 +105,8 @@ def sft_config(stage: StageConfig, output_dir: Path, seed: int, compute_dtype: t
         gradient_checkpointing=stage.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False},
         dataloader_num_workers=stage.dataloader_workers,
+        train_sampling_strategy=sampling_strategy(stage),
+        length_column_name="num_tokens",
         remove_unused_columns=False,
         dataset_kwargs={"skip_prepare_dataset": True},
         max_length=None,  # truncation already done, image tokens kept
