@@ -215,7 +215,7 @@ def recipe_checks(model_dir: Path, spec: CheckSpec) -> list[dict]:
         run_stage = dataclasses.replace(
             stage, max_length=spec.seq, per_device_batch_size=micro, gradient_accumulation_steps=2,
             global_batch_size=None, max_steps=spec.warmup + spec.steps, logging_steps=1, save_steps=10**6,
-            warmup_ratio=0.0, dataloader_workers=0, gradient_checkpointing=True if stage.gradient_checkpointing
+            warmup_ratio=0.0, dataloader_workers=0, padding_free=False, gradient_checkpointing=True if stage.gradient_checkpointing
             == "auto" else stage.gradient_checkpointing,
         )  # fmt: skip
         plan = {ce: estimate_memory(shape, dataclasses.replace(run_for_stage(recipe, run_stage, 1, "cuda"), ce=ce))

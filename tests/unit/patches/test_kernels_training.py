@@ -11,6 +11,7 @@ plain path (PEFT layers, full logits, padded batches); observed <= 2e-7 (sums in
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from qlora_med.config.schema import KernelsConfig
 from qlora_med.data.collate import pad_right
 from qlora_med.data.packing import PaddingFreeCollator
 from qlora_med.errors import ConfigError
-from qlora_med.patches.select import apply_kernels
+from qlora_med.patches.select import apply_kernels, resolve_padding_free_setting
 
 ROOT = Path(__file__).resolve().parents[3]
 DEMO = ROOT / "recipes" / "demo_cpu.yaml"
@@ -75,6 +76,7 @@ def train(tiny_dir: Path, tmp_path: Path, overrides: list[str]) -> tuple[list[fl
     stage = recipe.stage("align")
     set_seed(recipe.seed)
     model, processor = load_model(recipe.model, tiny_dir, torch.float32)
+    stage = dataclasses.replace(stage, padding_free=resolve_padding_free_setting(stage.padding_free, model))  # runner
     model = setup_trainable(model, stage.train, recipe.lora, None, stage.gradient_checkpointing)
     setup = apply_kernels(model, recipe.kernels, stage.padding_free)
     collator = SyntheticCollator(processor.tokenizer.pad_token_id)
@@ -90,7 +92,8 @@ def train(tiny_dir: Path, tmp_path: Path, overrides: list[str]) -> tuple[list[fl
     return [h["loss"] for h in logs], setup.summary(), logs[-1]
 
 
-PLAIN = ["kernels.nf4_lora=off", "kernels.loss=full", "kernels.liger=off", "stages.align.padding_free=false"]
+PADDED = ["stages.align.padding_free=false", "stages.align.sampling=random"]  # padded, in the packed runs' order
+PLAIN = ["kernels.nf4_lora=off", "kernels.loss=full", "kernels.liger=off", *PADDED]
 NO_DROPOUT = ["lora.dropout=0.0"]  # packed rows draw other LoRA dropout masks than padded batches
 
 
@@ -117,7 +120,7 @@ def test_plain_path_resolves_and_logs_metrics(plain):
     [
         (NO_DROPOUT, {"nf4_lora": "torch", "loss": "chunked", "padding_free": True}),  # the defaults on CPU
         (
-            ["kernels.loss=trl", "kernels.nf4_lora=on", "stages.align.padding_free=false"],
+            ["kernels.loss=trl", "kernels.nf4_lora=on", *PADDED],
             {"nf4_lora": "torch", "loss": "trl", "padding_free": False},
         ),
         (
