@@ -144,13 +144,15 @@ def main(args: argparse.Namespace) -> int:
     print_choice(shape, choice, gpu.name, gpu.memory_gib, tflops, args.mfu)
     if stages:
         print(f"\nRecipe stages as configured ({args.recipe}):")
+        from qlora_med.train.checkpointing import decide  # the runner's rule for gradient_checkpointing: auto
+
         settings = {st.name: st.gradient_checkpointing for st in recipe.stages}
         for name, run in stages:
             run = replace(run, sharding=args.sharding, ce=args.ce)
             auto = settings[name] == "auto"
-            if auto:  # as the runner decides: off when the step without it fits the budget
+            if auto:  # off when the step without it fits this card
                 off = replace(run, grad_checkpointing=False)
-                run = off if estimate_memory(shape, off).peak_bytes <= choice.budget_bytes else run
+                run = run if decide(estimate_memory(shape, off).peak_bytes / GIB, gpu.memory_gib, args.margin) else off
             est = estimate_memory(shape, run)
             fits = "fits" if est.peak_bytes <= choice.budget_bytes else "DOES NOT FIT"
             print(f"  {name:12s} micro-batch {run.micro_batch} x accum {run.grad_accum}, length {run.seq_len}, "

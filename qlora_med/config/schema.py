@@ -58,6 +58,12 @@ class TinyModelConfig:
         if self.family not in FAMILIES:
             raise_problems([f"model.tiny.family: unknown family '{self.family}'; choose one of {sorted(FAMILIES)}"])
 
+    @property
+    def merged_side(self) -> int:
+        """The square side a tiny Qwen's images are resized to: ``image_size`` rounded down to its 2x2 patch merge."""
+        step = 2 * self.patch_size
+        return self.image_size // step * step
+
 
 @dataclass
 class ModelConfig:

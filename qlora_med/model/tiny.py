@@ -134,8 +134,7 @@ def _qwen2_5_vl(cfg: TinyModelConfig, tmp: Path) -> None:
         tie_word_embeddings=False,
     )
     _init(Qwen2_5_VLForConditionalGeneration, config, cfg).save_pretrained(tmp)
-    step = cfg.patch_size * 2
-    side = cfg.image_size // step * step  # the default side: images are resized to side x side
+    step, side = cfg.patch_size * 2, cfg.merged_side  # the default side: images are resized to side x side
     image_processor = Qwen2VLImageProcessorPil(
         min_pixels=step * step, max_pixels=side * side, patch_size=cfg.patch_size, merge_size=2, temporal_patch_size=2
     )

@@ -165,17 +165,31 @@ def resolve_attn_implementation(name: str) -> str:
     return "sdpa"
 
 
+def _family_blocker(model: nn.Module) -> tuple[str, str]:
+    """(family name, why its rows cannot be packed) from the family table; ("", "") when they can."""
+    family = BY_MODEL_TYPE.get(getattr(unwrap_model(model).config, "model_type", None))
+    return (family.name, family.padding_free) if family is not None and family.padding_free else ("", "")
+
+
+def _packed_attention(model: nn.Module) -> tuple[str, str]:
+    """How packed rows keep attention within each sample under the LLM's attention implementation:
+    (``packed_sdpa`` | ``varlen`` | ``mask``, the implementation's name)."""
+    attn_implementation = str(unwrap_model(model).config.get_text_config()._attn_implementation)
+    if attn_implementation in ("sdpa", PACKED_SDPA):
+        return "packed_sdpa", attn_implementation
+    if attn_implementation.startswith("flash_attention"):
+        return "varlen", attn_implementation
+    return "mask", attn_implementation
+
+
 def padding_free_blocker(model: nn.Module) -> str:
     """Why ``padding_free: auto`` leaves this model's batches padded ("" when packing pays): its family's entry in
     the family table, or eager attention (packed rows would need transformers' T x T mask)."""
-    config = unwrap_model(model).config
-    family = BY_MODEL_TYPE.get(getattr(config, "model_type", None))
-    if family is not None and family.padding_free:
-        return f"{family.name}: {family.padding_free}"
-    attn_implementation = config.get_text_config()._attn_implementation
-    if attn_implementation not in ("sdpa", PACKED_SDPA) and not str(attn_implementation).startswith("flash_attention"):
-        return f"{attn_implementation} attention would need a T x T block-diagonal mask"
-    return ""
+    name, why = _family_blocker(model)
+    if why:
+        return f"{name}: {why}"
+    path, attn_implementation = _packed_attention(model)
+    return f"{attn_implementation} attention would need a T x T block-diagonal mask" if path == "mask" else ""
 
 
 def resolve_padding_free_setting(setting: bool | str, model: nn.Module) -> bool:
@@ -193,26 +207,24 @@ def resolve_padding_free(enabled: bool, model: nn.Module) -> str | None:
     ``packed_sdpa`` (sdpa), ``varlen`` (flash-attn) or ``mask`` (eager: transformers' T x T mask, warned)."""
     if not enabled:
         return None
-    config = unwrap_model(model).config
-    family = BY_MODEL_TYPE.get(getattr(config, "model_type", None))
-    if family is not None and family.padding_free:
-        logger.warning("padding-free batches: off for %s, padded batches instead (%s)", family.name, family.padding_free)
+    name, why = _family_blocker(model)
+    if why:
+        logger.warning("padding-free batches: off for %s, padded batches instead (%s)", name, why)
         return None
-    attn_implementation = config.get_text_config()._attn_implementation
-    if attn_implementation in ("sdpa", PACKED_SDPA):
+    path, attn_implementation = _packed_attention(model)
+    if path == "packed_sdpa":
         logger.info("padding-free batches: packed rows, one causal SDPA call per sample (%s)", PACKED_SDPA)
-        return "packed_sdpa"
-    if str(attn_implementation).startswith("flash_attention"):
+    elif path == "varlen":
         logger.info(
             "padding-free batches: packed rows, %s varlen attention over cu_seq_lens", attn_implementation
         )
-        return "varlen"
-    logger.warning(
-        "padding-free batches with %s attention: transformers builds a T x T block-diagonal mask from "
-        "position_ids (correct but slow); use attn_implementation sdpa or flash_attention_2",
-        attn_implementation,
-    )
-    return "mask"
+    else:
+        logger.warning(
+            "padding-free batches with %s attention: transformers builds a T x T block-diagonal mask from "
+            "position_ids (correct but slow); use attn_implementation sdpa or flash_attention_2",
+            attn_implementation,
+        )
+    return path
 
 
 @dataclass

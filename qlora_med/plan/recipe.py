@@ -171,9 +171,8 @@ def shape_from_recipe(recipe: object) -> ModelShape:
     m = recipe.model  # type: ignore[attr-defined]
     built = _local_config(m.name_or_path) if m.tiny is not None else None
     if built is not None:  # the tiny model as built (any family)
-        step = 2 * m.tiny.patch_size  # tiny Qwen: images at its tower's size, rounded to the 2x2 patch merge
         qwen = built.get("model_type") in FAMILIES["qwen2_5_vl"].model_types
-        side = m.image_size or (m.tiny.image_size // step * step if qwen else None)
+        side = m.image_size or (m.tiny.merged_side if qwen else None)  # tiny Qwen: as model.tiny builds it
         return shape_from_config_dict(built, name="tiny", image_side=side)
     if m.tiny is not None:  # qlora_med.model.build_tiny: CLIP MLP 4x hidden, vocab = tokenizer rounded up to 64
         if m.tiny.family != "llava":
