@@ -103,7 +103,8 @@ def published_rows() -> list[dict]:
 
 
 # ---- CPU measurements ------------------------------------------------------------------------------
-# groups share one loaded model; configs run smallest first
+# groups share one loaded model; configs run smallest first; runs are (batch, seq, checkpointed decoder layers:
+# 0, the first k, or "all")
 CPU_MODELS = {
     "small": ModelShape("small", LLMShape(2, 256, 1024, 4, 2, 32000), VisionShape(2, 128, 512, 4, 224, 14)),
     "mid": preset("mid"),
@@ -111,16 +112,18 @@ CPU_MODELS = {
     "wide": ModelShape("wide", LLMShape(2, 1024, 4096, 8, 2, 2048), VisionShape(2, 128, 512, 4, 224, 14)),
 }
 CPU_GROUPS = (
-    {"model": "small", "r": 16, "dropout": 0.0, "runs": [(1, 512, 1), (2, 512, 0), (2, 1024, 0)]},
-    {"model": "mid", "r": 16, "dropout": 0.0, "runs": [(1, 512, 1), (1, 1024, 0), (1, 2048, 1)]},
-    {"model": "mid", "r": 64, "dropout": 0.05, "runs": [(1, 512, 0), (1, 1024, 1)]},
-    {"model": "wide", "r": 16, "dropout": 0.0, "runs": [(1, 512, 1), (1, 512, 0), (1, 1024, 1)]},
+    {"model": "small", "r": 16, "dropout": 0.0, "runs": [(1, 512, "all"), (2, 512, 0), (2, 1024, 0)]},
+    {"model": "mid", "r": 16, "dropout": 0.0, "runs": [(1, 512, "all"), (1, 1024, 0), (1, 2048, 2), (1, 2048, "all")]},
+    {"model": "mid", "r": 64, "dropout": 0.05, "runs": [(1, 512, 0), (1, 1024, 1), (1, 1024, 3), (1, 1024, "all")]},
+    {"model": "wide", "r": 16, "dropout": 0.0, "runs": [(1, 512, "all"), (1, 512, 0), (1, 1024, 1), (1, 1024, "all")]},
 )
 
 
-def cpu_run(group: dict, b: int, s: int, ckpt: int) -> RunSpec:
-    return RunSpec(micro_batch=b, seq_len=s, lora_rank=group["r"], lora_dropout=group["dropout"], grad_checkpointing=bool(ckpt),
-                   compute_dtype="fp32", device="cpu", padded=False, autocast=False)
+def cpu_run(group: dict, b: int, s: int, ckpt: int | str) -> RunSpec:
+    run = RunSpec(micro_batch=b, seq_len=s, lora_rank=group["r"], lora_dropout=group["dropout"], compute_dtype="fp32",
+                  device="cpu", padded=False, autocast=False)
+    layers = CPU_MODELS[group["model"]].llm.layers
+    return run.with_checkpointed(layers if ckpt == "all" else ckpt, layers)
 
 
 def _rss() -> tuple[int, int]:
@@ -170,11 +173,14 @@ def worker(group: dict, cache: str) -> None:
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     gen = torch.Generator().manual_seed(0)
     persistent = None
+    decoder = model.get_base_model().model.language_model.layers
     for b, s, ckpt in group["runs"]:
         if ckpt:
-            model.gradient_checkpointing_enable()
+            model.get_base_model().activation_checkpointing_enable()
+            for i, layer in enumerate(decoder):  # the first k layers only
+                layer.gradient_checkpointing = ckpt == "all" or i < ckpt
         else:
-            model.gradient_checkpointing_disable()
+            model.get_base_model().activation_checkpointing_disable()
         ids = torch.randint(2, llm.vocab - 100, (b, s), generator=gen)
         ids[:, 1:1 + shape.image_tokens] = llm.vocab - 1
         labels = ids.clone()

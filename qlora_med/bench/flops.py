@@ -34,17 +34,17 @@ class Trained:
     lora_vision: int = 0
     lora_projector: int = 0
     projector_full: bool = True
-    checkpointing: bool = True
+    checkpointing: float = 1.0  # share of the LLM's decoder layers checkpointed (a worker's bool: 0 or 1)
     vision_checkpointing: bool = False
 
     @classmethod
-    def from_result(cls, trainable: dict[str, int], checkpointing: bool) -> Trained:
+    def from_result(cls, trainable: dict[str, int], checkpointing: bool | float) -> Trained:
         def total(part: str, lora: bool) -> int:
             return sum(n for name, n in trainable.items() if part in name and ("lora_" in name) == lora)
 
         vision = total("vision_tower", True)
         return cls(total("language_model", True), vision, total("multi_modal_projector", True),
-                   total("multi_modal_projector", False) > 0, checkpointing, checkpointing and vision > 0)  # fmt: skip
+                   total("multi_modal_projector", False) > 0, float(checkpointing), bool(checkpointing) and vision > 0)  # fmt: skip
 
 
 def sample_flops(shape: ModelShape, length: int, trained: Trained) -> tuple[float, float]:
@@ -53,7 +53,7 @@ def sample_flops(shape: ModelShape, length: int, trained: Trained) -> tuple[floa
     n_lin, n_head = llm.linear_params, llm.vocab * llm.hidden
     attn = 2 * length * llm.q_dim * llm.layers  # forward, per token
     model = length * (4 * n_lin + 6 * trained.lora_llm + 4 * n_head + 3 * attn)
-    recompute = length * (2 * n_lin + 2 * trained.lora_llm + attn) if trained.checkpointing else 0.0
+    recompute = length * (2 * n_lin + 2 * trained.lora_llm + attn) * trained.checkpointing
     if vis is not None:
         pos = vis.patches + 1
         v_attn = 4 * pos * vis.hidden * vis.layers  # forward, per position, non-causal

@@ -187,7 +187,7 @@ def recipe_checks(model_dir: Path, spec: CheckSpec) -> list[dict]:
     from qlora_med.patches.select import apply_kernels
     from qlora_med.plan.estimate import GIB, estimate_memory
     from qlora_med.plan.recipe import run_for_stage, shape_from_config_dict
-    from qlora_med.train.checkpointing import decide
+    from qlora_med.train.checkpointing import checkpointed_layers, enable_checkpointing
     from qlora_med.train.trainable import setup_trainable
     from qlora_med.train.trainer import StageTrainer, sft_config
 
@@ -215,19 +215,18 @@ def recipe_checks(model_dir: Path, spec: CheckSpec) -> list[dict]:
         run_stage = dataclasses.replace(
             stage, max_length=spec.seq, per_device_batch_size=micro, gradient_accumulation_steps=2,
             global_batch_size=None, max_steps=spec.warmup + spec.steps, logging_steps=1, save_steps=10**6,
-            warmup_ratio=0.0, dataloader_workers=0, padding_free=False, gradient_checkpointing=True if stage.gradient_checkpointing
-            == "auto" else stage.gradient_checkpointing,
+            warmup_ratio=0.0, dataloader_workers=0, padding_free=False,
         )  # fmt: skip
-        plan = {ce: estimate_memory(shape, dataclasses.replace(run_for_stage(recipe, run_stage, 1, "cuda"), ce=ce))
-                for ce in ("full", "fused")}  # fmt: skip
+        run = run_for_stage(recipe, run_stage, 1, "cuda")
+        layers = shape.llm.layers if stage.gradient_checkpointing is True else 0
         if stage.gradient_checkpointing == "auto":  # the kit's auto rule against the emulated card
-            off = dataclasses.replace(run_for_stage(recipe, run_stage, 1, "cuda"), grad_checkpointing=False)
-            run_stage = dataclasses.replace(run_stage, gradient_checkpointing=decide(
-                estimate_memory(shape, off).peak_bytes / GIB, CARDS[name]))
-        if run_stage.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            layers = checkpointed_layers(shape, run, CARDS[name])
+        run = run.with_checkpointed(layers, shape.llm.layers)
+        plan = {ce: estimate_memory(shape, dataclasses.replace(run, ce=ce)) for ce in ("full", "fused")}
+        if layers:
+            enable_checkpointing(model, layers)
         else:
-            model.gradient_checkpointing_disable()
+            model.activation_checkpointing_disable()
         batches = [synthetic_batch(micro, spec.seq, model.config, gen) for _ in range(2 * (spec.warmup + spec.steps))]
         meter = StepMeter(spec.warmup)
 
@@ -239,7 +238,7 @@ def recipe_checks(model_dir: Path, spec: CheckSpec) -> list[dict]:
                 self.meter.step_done(state.global_step)
 
         row = {"recipe": name, "card_gib": CARDS[name], "micro_batch": micro, "accumulation": 2, "seq": spec.seq,
-               "checkpointing": run_stage.gradient_checkpointing, "optimizer": stage.optim, "lora_r": recipe.lora.r,
+               "checkpointed_layers": layers, "optimizer": stage.optim, "lora_r": recipe.lora.r,
                "plan_alloc_gib_full_ce": plan["full"].allocated_peak_bytes / GIB,
                "plan_alloc_gib_fused_ce": plan["fused"].allocated_peak_bytes / GIB,
                "plan_peak_gib_full_ce": plan["full"].peak_bytes / GIB, "loss_path": kernels.loss}  # fmt: skip

@@ -45,7 +45,7 @@ def to_markdown(report: dict) -> str:
     if t:
         lines += [f"pytest -m gpu: rc {t.get('rc')}, {t.get('passed', 0)} passed, {t.get('failed', 0)} failed, "
                   f"{t.get('skipped', 0)} skipped ({t.get('seconds')} s)", ""]  # fmt: skip
-    lines += ["| recipe | card | micro x accum | ckpt | fits | measured alloc GiB | plan alloc (full CE / fused) GiB | "
+    lines += ["| recipe | card | micro x accum | ckpt layers | fits | measured alloc GiB | plan alloc (full CE / fused) GiB | "
               "reserved GiB | step s | tok/s |", "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in report.get("recipes", []):
         if "skipped" in r:
@@ -53,7 +53,7 @@ def to_markdown(report: dict) -> str:
             continue
         alloc = r.get("measured_alloc_gib", r.get("measured_peak_rss_gib", float("nan")))
         lines.append(f"| {r['recipe']} | {r['card_gib']:g} GB | {r['micro_batch']} x {r['accumulation']} | "
-                     f"{'on' if r['checkpointing'] else 'off'} | {r.get('fits')} | {alloc:.2f} | "
+                     f"{r['checkpointed_layers']} | {r.get('fits')} | {alloc:.2f} | "
                      f"{r['plan_alloc_gib_full_ce']:.2f} / {r['plan_alloc_gib_fused_ce']:.2f} | "
                      f"{r.get('measured_reserved_gib', float('nan')):.2f} | {r.get('step_s', float('nan')):.2f} | "
                      f"{r.get('tokens_per_s', float('nan')):,.0f} |")  # fmt: skip

@@ -104,6 +104,11 @@ def summarise(result: BenchResult) -> list[Summary]:
     return out
 
 
+def _share(checkpointing: bool | float) -> str:
+    """A variant's checkpointing: on, off, or the share of decoder layers checkpointed."""
+    return "on" if checkpointing == 1 else "off" if not checkpointing else f"{float(checkpointing):.0%} of layers"
+
+
 def rows(summaries: list[Summary]) -> list[dict[str, str]]:
     base = {s.mix: s.median("tok_s") for s in summaries if s.variant == "baseline"}
     out = []
@@ -111,7 +116,7 @@ def rows(summaries: list[Summary]) -> list[dict[str, str]]:
         tok = s.tok_s
         row = {
             "variant": s.variant, "trains": s.lora_on, "NF4": s.nf4, "loss on": f"{s.loss_share:.0%} of tokens",
-            "padded/real": f"{s.padding:.2f}", "ckpt": "on" if s.first["checkpointing"] else "off",
+            "padded/real": f"{s.padding:.2f}", "ckpt": _share(s.first["checkpointing"]),
             "tok/s": f"{s.median('tok_s'):,.0f}", "min-max": f"{min(tok):,.0f}-{max(tok):,.0f}",
             "x base": f"{s.median('tok_s') / base[s.mix]:.2f}" if s.mix in base else "",
             "peak RSS MiB": f"{s.median('peak_rss_mib'):,.0f}", "train MiB": f"{s.median('train_rss_mib'):,.0f}",

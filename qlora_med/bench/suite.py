@@ -67,6 +67,7 @@ class Variant:
     runner: str = "kit"  # kit | baseline | trl
     padding_free: bool | str = "auto"  # the stage settings, as in a recipe
     gradient_checkpointing: bool | str = "auto"
+    checkpoint_share: float = 1.0  # with gradient_checkpointing true: the leading share of decoder layers
     liger: str = "auto"
     nf4_lora: str = "auto"
     loss: str = "auto"
@@ -88,6 +89,8 @@ VARIANTS = (
     Variant("kit_peft_nf4", "kit, kernels.nf4_lora: off (PEFT Linear4bit)", nf4_lora="off", default=False),
     Variant("baseline_no_ckpt", "baseline without gradient checkpointing", runner="baseline",
             gradient_checkpointing=False, default=False),
+    Variant("kit_ckpt_half", "kit, gradient checkpointing on the first half of the decoder layers",
+            gradient_checkpointing=True, checkpoint_share=0.5, default=False),
     Variant("kit_padded_ckpt", "kit, padding_free: false, gradient_checkpointing: true (the old defaults)",
             padding_free=False, gradient_checkpointing=True, default=False),
 )  # fmt: skip

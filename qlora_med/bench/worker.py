@@ -50,7 +50,7 @@ class Recorder:
 
 def build_trainer(payload: dict, callbacks: list, workdir: Path):
     """The stage, model, kernels, dataset, collator and ``StageTrainer`` of one kit variant, as ``qlora-med run``
-    builds them; returns (trainer, recorder, kernel setup, stage)."""
+    builds them; returns (trainer, recorder, kernel setup, share of decoder layers checkpointed)."""
     from transformers import set_seed
 
     from qlora_med.config.schema import (
@@ -89,9 +89,14 @@ def build_trainer(payload: dict, callbacks: list, workdir: Path):
     model, processor = load_model(model_cfg, Path(payload["model_dir"]), dtype)
     recipe = RecipeConfig(output_dir=str(workdir / "out"), model=model_cfg, stages=[stage], lora=lora, kernels=kernels)
     stage = replace(stage, padding_free=resolve_padding_free_setting(stage.padding_free, model))  # as the runner
-    stage = with_checkpointing(stage, resolve_checkpointing(recipe, stage, 1, stage.per_device_batch_size, 1,
-                                                                Path(payload["model_dir"])))
-    model = setup_trainable(model, stage.train, lora, None, stage.gradient_checkpointing)
+    checkpointing = resolve_checkpointing(recipe, stage, 1, stage.per_device_batch_size, 1, Path(payload["model_dir"]))
+    stage = with_checkpointing(stage, checkpointing)
+    total = len(model.get_decoder().layers)
+    layers = checkpointing.layers or total
+    if variant.get("checkpoint_share", 1.0) < 1:
+        layers = max(1, round(total * variant["checkpoint_share"]))
+    model = setup_trainable(model, stage.train, lora, None, stage.gradient_checkpointing, layers)
+    share = layers / total if stage.gradient_checkpointing else 0.0  # of the decoder layers checkpointed
     setup = apply_kernels(model, kernels, stage.padding_free)
     images = image_spec(model.config, processor, model_cfg.image_size, model_cfg.image_token)
     dataset, _ = build_stage_dataset(stage, processor, images.tokens, model_cfg.image_token,
@@ -105,7 +110,7 @@ def build_trainer(payload: dict, callbacks: list, workdir: Path):
         model=model, args=args, train_dataset=dataset, data_collator=recorder, processing_class=processor,
         projector_lr=stage.projector_lr, save_total_limit=1, loss_mode=setup.loss, callbacks=callbacks,
     )  # fmt: skip
-    return trainer, recorder, setup, stage
+    return trainer, recorder, setup, share
 
 
 def run(payload: dict) -> dict:
@@ -124,11 +129,11 @@ def run(payload: dict) -> dict:
             meter.step_done(state.global_step)
 
     with tempfile.TemporaryDirectory() as tmp:
-        trainer, recorder, setup, stage = build_trainer(payload, [Timer()], Path(tmp))
+        trainer, recorder, setup, share = build_trainer(payload, [Timer()], Path(tmp))
         trainer.train()
     return {
         **meter.result(), **training_summary(trainer), "batches": recorder.batches,
-        "checkpointing": stage.gradient_checkpointing, "loss_on": "answer tokens", "kernels": setup.summary(),
+        "checkpointing": share, "loss_on": "answer tokens", "kernels": setup.summary(),
         "torch_version": torch.__version__,
     }  # fmt: skip
 

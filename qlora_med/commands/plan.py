@@ -72,6 +72,16 @@ def _describe(shape: ModelShape) -> str:
     return text
 
 
+def _checkpointing(run: RunSpec, shape: ModelShape) -> str:
+    k, total = run.checkpointed(shape.llm.layers), shape.llm.layers
+    return "off" if k == 0 else "on" if k == total else f"on for the first {k} of {total} layers"
+
+
+def _per_token(run: RunSpec, shape: ModelShape) -> str:
+    k, total = run.checkpointed(shape.llm.layers), shape.llm.layers
+    return "4N" if k == 0 else "6N" if k == total else f"{4 + 2 * k / total:.2g}N"
+
+
 def print_choice(shape: ModelShape, choice: Choice, gpu_name: str, card_gib: float, tflops: float, mfu: float) -> None:
     run, est = choice.run, choice.estimate
     print(f"Model  {shape.name}: {_describe(shape)}")
@@ -82,7 +92,7 @@ def print_choice(shape: ModelShape, choice: Choice, gpu_name: str, card_gib: flo
     print(f"\nChosen micro-batch {run.micro_batch} x grad-accum {choice.grad_accum} x {run.n_gpus} GPU(s) = global batch "
           f"{choice.global_batch}; max length {run.seq_len} ({shape.image_tokens * run.images_per_sample} image + "
           f"{text} text tokens)")
-    print(f"       gradient checkpointing {'on' if run.grad_checkpointing else 'off'}; optimizer {run.optimizer}; "
+    print(f"       gradient checkpointing {_checkpointing(run, shape)}; optimizer {run.optimizer}; "
           f"LoRA r={run.lora_rank} on {','.join(run.lora_targets)}; {run.quantization} base, {run.compute_dtype} compute; "
           f"loss {run.ce}")
     for note in choice.notes:
@@ -101,7 +111,7 @@ def print_choice(shape: ModelShape, choice: Choice, gpu_name: str, card_gib: flo
     tokens = choice.global_batch * run.seq_len
     flops = step_flops(shape, run) * choice.grad_accum * run.n_gpus
     print(f"\nStep time ~ {choice.step_time_s:.3g} s per optimizer step ({tokens:,} tokens, {flops / 1e15:.1f} PFLOP; "
-          f"{'6N' if run.grad_checkpointing else '4N'} per token for a frozen base"
+          f"{_per_token(run, shape)} per token for a frozen base"
           f"{' + recompute' if run.grad_checkpointing else ''}; {tflops:g} TFLOP/s x MFU {mfu:g}) "
           f"-> {tokens / choice.step_time_s:,.0f} tokens/s")
 
@@ -144,18 +154,19 @@ def main(args: argparse.Namespace) -> int:
     print_choice(shape, choice, gpu.name, gpu.memory_gib, tflops, args.mfu)
     if stages:
         print(f"\nRecipe stages as configured ({args.recipe}):")
-        from qlora_med.train.checkpointing import decide  # the runner's rule for gradient_checkpointing: auto
+        from qlora_med.train.checkpointing import checkpointed_layers  # the runner's rule for auto
 
         settings = {st.name: st.gradient_checkpointing for st in recipe.stages}
         for name, run in stages:
             run = replace(run, sharding=args.sharding, ce=args.ce)
             auto = settings[name] == "auto"
-            if auto:  # off when the step without it fits this card
+            if auto:  # the fewest layers that fit this card
                 off = replace(run, grad_checkpointing=False)
-                run = run if decide(estimate_memory(shape, off).peak_bytes / GIB, gpu.memory_gib, args.margin) else off
+                k = checkpointed_layers(shape, off, gpu.memory_gib, args.margin)
+                run = off.with_checkpointed(k, shape.llm.layers)
             est = estimate_memory(shape, run)
             fits = "fits" if est.peak_bytes <= choice.budget_bytes else "DOES NOT FIT"
             print(f"  {name:12s} micro-batch {run.micro_batch} x accum {run.grad_accum}, length {run.seq_len}, "
-                  f"checkpointing {'on' if run.grad_checkpointing else 'off'}{' (auto)' if auto else ''}, "
+                  f"checkpointing {_checkpointing(run, shape)}{' (auto)' if auto else ''}, "
                   f"{run.optimizer}, LoRA r={run.lora_rank}: peak {est.peak_bytes / GIB:.1f} GiB ({fits})")
     return 0

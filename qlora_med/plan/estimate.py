@@ -3,21 +3,25 @@
 Per-GPU bytes are *static* (frozen weights, trainable params, optimizer states), *gradients* (kept
 all step when accumulating, else only at the end of backward) and *transients* alive in one phase:
 ``vision`` (frozen tower forward, all hidden states kept), ``loss`` (saved activations + logits and
-cross-entropy), ``backward`` (saved activations + recomputed layer + backward working set) and
-``optimizer``. Peak = static + grads + the largest phase.
+cross-entropy), ``backward`` (saved activations + backward working set), ``recompute`` (with checkpointing:
+the checkpointed layers' inputs + one recomputed layer + the working set) and ``optimizer``. Peak = static +
+grads + the largest phase.
 
 Saved for backward per decoder layer and token (HF Llama/Mistral, frozen 4-bit base, PEFT LoRA; ``c``
 compute bytes; frozen linears save nothing): each RMSNorm its fp32 input (2 x 4h); LoRA A the normed
 outputs (2ch); SDPA q, k, v, output and log-sum-exp (c(2q + 2kv) + 4 heads; eager adds the s x s
 probabilities and a transposed output copy); the SwiGLU MLP gate, up, act(gate), product (4ci); each
 LoRA its r-wide A output and, with dropout, the dropped input and a bool mask. Checkpointing keeps each
-layer's input (ch) and recomputes one layer in backward, where the MLP gradients in flight (c(i + h))
-and one dequantized 4-bit weight add up. Cross-entropy in fp32: log-softmax output + its gradient +
+checkpointed layer's input (ch) and recomputes one layer in backward, where the MLP gradients in flight
+(c(i + h)) and one dequantized 4-bit weight add up. Per-layer checkpointing (``checkpoint_layers``) does
+this for the first k decoder layers only: backward reaches them after the later, fully saved layers have
+freed their activations, so the recompute phase holds only the k layer inputs. Cross-entropy in fp32: log-softmax output + its gradient +
 the incoming gradient = 12 B per logit (compute-dtype logits and the upcast are freed by then).
 These terms match measured CPU peaks within a few percent (benchmarks/validate_planner.py).
 
 Step FLOPs: a frozen base needs the forward (2N per token) and the input-gradient half of backward
-(2N) but no weight gradients, so ~4N per token, 6N with checkpointing (forward recomputed); attention,
+(2N) but no weight gradients, so ~4N per token, 6N with checkpointing (forward recomputed; 4N + 2N k/L
+for k of L layers checkpointed); attention,
 LoRA (6 per param), the projector (6N) and the frozen vision forward (2N) are added.
 """
 
@@ -147,6 +151,7 @@ class RunSpec:
     lora_dropout: float = 0.05
     optimizer: str = "adamw"  # see OPTIMIZER_STATE_BYTES; paged_* can spill to CPU under pressure
     grad_checkpointing: bool = True
+    checkpoint_layers: int | None = None  # with checkpointing: the first k decoder layers (None: all)
     ce: str = "full"  # full (HF) | legacy (transformers<4.45) | chunked (logits kept, fp32 per chunk) | fused
     ce_chunks: int = 8
     compute_dtype: str = "bf16"
@@ -166,6 +171,8 @@ class RunSpec:
     def __post_init__(self) -> None:
         _check(min(self.micro_batch, self.grad_accum, self.seq_len, self.n_gpus) >= 1 and self.lora_rank >= 0,
                "batch, accumulation, seq, GPUs and rank must be positive")
+        _check(self.checkpoint_layers is None or self.checkpoint_layers >= 1,
+               "checkpoint_layers must be at least 1 (turn grad_checkpointing off for none)")
         _check(set(self.lora_targets) <= set(LORA_TARGETS), f"lora_targets must be among {LORA_TARGETS}")
         dtypes = [d for d in (self.compute_dtype, self.trainable_dtype, self.embed_dtype, self.vision_dtype) if d]
         for name, value, allowed in (("optimizer", self.optimizer, OPTIMIZER_STATE_BYTES),
@@ -175,6 +182,16 @@ class RunSpec:
                                      ("sharding", self.sharding, ("none", "zero2", "fsdp")),
                                      *(("dtype", d, DTYPE_BYTES) for d in dtypes)):
             _check(value in allowed, f"{name} must be one of {sorted(allowed)}, got {value!r}")
+
+    def checkpointed(self, layers: int) -> int:
+        """How many of a model's ``layers`` decoder layers this run checkpoints."""
+        if not self.grad_checkpointing:
+            return 0
+        return layers if self.checkpoint_layers is None else min(self.checkpoint_layers, layers)
+
+    def with_checkpointed(self, k: int, layers: int) -> RunSpec:
+        """This run checkpointing the first ``k`` of ``layers`` decoder layers (0: off, ``layers``: all)."""
+        return replace(self, grad_checkpointing=k > 0, checkpoint_layers=k if 0 < k < layers else None)
 
 
 def quantized_bytes_per_param(quantization: str, double_quant: bool = True, in_features: int = 4096,
@@ -214,7 +231,7 @@ class MemoryEstimate:
 
     @property
     def phases(self) -> dict[str, float]:
-        names = ("vision", "loss", "backward", "optimizer")
+        names = ("vision", "loss", "backward", "recompute", "optimizer")
         return {p: sum(c.bytes for c in self.components if c.kind == "transient" and p in c.phases) for p in names}
 
     @property
@@ -285,19 +302,22 @@ def estimate_memory(model: ModelShape, run: RunSpec) -> MemoryEstimate:
 
     # -- transients: activations
     acts = _layer_activation_bytes(llm, run, c, u)
-    saved = llm.layers * t * (c * llm.hidden if run.grad_checkpointing else acts)
-    both = ("loss", "backward")
-    comps.append(Component("LLM saved activations", saved, "transient", both,
-                           note="layer inputs (checkpointing)" if run.grad_checkpointing else f"{llm.layers} full layers"))
+    k = run.checkpointed(llm.layers)
+    both, bwd = ("loss", "backward", "recompute"), ("backward", "recompute")
+    if k:  # backward recomputes the first k layers after the later layers' activations are freed
+        comps.append(Component("LLM checkpointed layer inputs", k * t * c * llm.hidden, "transient", both,
+                               note=f"{k} of {llm.layers} layers"))
+        shared = c * llm.hidden if c == u else 0  # in fp32 the first RMSNorm saves the checkpointed input itself
+        comps.append(Component("recomputed layer", t * (acts - shared), "transient", ("recompute",)))
+    if k < llm.layers:
+        comps.append(Component("LLM saved activations", (llm.layers - k) * t * acts, "transient", ("loss", "backward"),
+                               note=f"{llm.layers - k} full layers"))
     comps.append(Component("final norm input", t * u * llm.hidden, "transient", ("loss",)))
-    if run.grad_checkpointing:  # in fp32 the first RMSNorm saves the checkpointed input itself
-        shared = c * llm.hidden if c == u else 0
-        comps.append(Component("recomputed layer", t * (acts - shared), "transient", ("backward",)))
     comps.append(Component("backward working set", t * c * (llm.intermediate + llm.hidden), "transient",
-                           ("backward",), note="grads in flight in one layer's MLP"))
+                           bwd, note="grads in flight in one layer's MLP"))
     if run.quantization != "none":
         big = max(i * o for i, o in lin.values())
-        comps.append(Component("dequantized weight (largest)", big * c, "transient", ("backward",),
+        comps.append(Component("dequantized weight (largest)", big * c, "transient", bwd,
                                note="4-bit weight dequantized for a matmul"))
     if run.padded:
         comps.append(Component("attention mask (padded batch)", b * s * s, "transient", both))
@@ -356,7 +376,7 @@ def step_flops(model: ModelShape, run: RunSpec) -> float:
     attn = 2 * run.seq_len * llm.q_dim * llm.layers  # causal QK^T and AV, per token, forward
     fwd = 2 * (n_lin + n_head + lora) + attn
     bwd = 2 * (n_lin + n_head) + 4 * lora + 2 * attn  # input grads only for frozen weights
-    rec = 2 * (n_lin + lora) + attn if run.grad_checkpointing else 0
+    rec = (2 * (n_lin + lora) + attn) * run.checkpointed(llm.layers) / llm.layers
     total = t * (fwd + bwd + rec)
     if vis:
         images = run.micro_batch * run.images_per_sample
@@ -417,16 +437,35 @@ def step_time_s(model: ModelShape, run: RunSpec, peak_tflops: float, mfu: float)
     return step_flops(model, run) * run.grad_accum / (peak_tflops * 1e12 * mfu)
 
 
+def fewest_checkpointed_layers(model: ModelShape, run: RunSpec, budget_bytes: float) -> int | None:
+    """Fewest decoder layers to checkpoint (0 = none) for ``run``'s step to fit ``budget_bytes``; None when even
+    checkpointing every layer does not fit. Each checkpointed layer trades its saved activations for its input, so
+    the peak falls with every layer added and a bisection finds the least."""
+    layers = model.llm.layers
+
+    def fits(k: int) -> bool:
+        return estimate_memory(model, run.with_checkpointed(k, layers)).peak_bytes <= budget_bytes
+
+    if not fits(layers):
+        return None
+    low, high = 0, layers  # fits(high) holds
+    while low < high:
+        mid = (low + high) // 2
+        low, high = (low, mid) if fits(mid) else (mid + 1, high)
+    return high
+
+
 def choose_settings(model: ModelShape, card_gib: float, n_gpus: int = 1, global_batch: int = 128, seq: int = 2048,
                     *, base: RunSpec | None = None, margin: float = 0.10, peak_tflops: float = DEFAULT_TFLOPS,
                     mfu: float = 0.35, min_seq: int | None = None) -> Choice | None:
     """Fastest settings that fit ``(1 - margin) * card_gib`` and keep ``global_batch``.
 
-    Tries, in order of speed: no checkpointing with AdamW, checkpointing with AdamW, checkpointing with
-    paged 8-bit AdamW; for each, the largest micro-batch dividing ``global_batch / n_gpus``. With a
-    constant MFU the step time only depends on checkpointing (6N vs 4N), so the first fit wins. If
-    nothing fits at ``seq``, the max length is halved down to ``min_seq`` (image tokens + 128).
-    ``margin`` covers allocator fragmentation (reserved vs allocated).
+    Tries, for each micro-batch (a divisor of ``global_batch / n_gpus``, largest first): no checkpointing with
+    AdamW (4N per token); then, at the largest micro-batch that fits with checkpointing, the fewest leading decoder
+    layers checkpointed (4N + 2N k/L) with AdamW, then with paged 8-bit AdamW. A smaller micro-batch is taken to drop
+    checkpointing altogether, never to checkpoint a few layers fewer: each micro-batch dequantizes every 4-bit
+    weight again, which a constant-MFU step time does not see. If nothing fits at ``seq``, the max length is halved
+    down to ``min_seq`` (image tokens + 128). ``margin`` covers allocator fragmentation (reserved vs allocated).
     """
     _check(global_batch % n_gpus == 0, f"global batch {global_batch} is not divisible by {n_gpus} GPUs")
     per_gpu = global_batch // n_gpus
@@ -434,17 +473,23 @@ def choose_settings(model: ModelShape, card_gib: float, n_gpus: int = 1, global_
     budget = card_gib * (1 - margin) * GIB
     floor = min_seq or model.image_tokens + 128
     micro = [m for m in range(min(per_gpu, 64), 0, -1) if per_gpu % m == 0]
+    layers = model.llm.layers
     length, notes = seq, []
     while length >= floor:
-        for ckpt, opt in ((False, "adamw"), (True, "adamw"), (True, "paged_adamw_8bit")):
-            for mb in micro:
-                run = replace(base, micro_batch=mb, grad_accum=per_gpu // mb, seq_len=length,
-                              grad_checkpointing=ckpt, optimizer=opt)
-                est = estimate_memory(model, run)
-                if est.peak_bytes <= budget:
-                    if length < seq:
-                        notes.append(f"max length cut from {seq} to {length} tokens to fit")
-                    return Choice(run, est, step_time_s(model, run, peak_tflops, mfu), budget, tuple(notes))
+        runs = [replace(base, micro_batch=mb, grad_accum=per_gpu // mb, seq_len=length, optimizer=opt)
+                for opt in ("adamw", "paged_adamw_8bit") for mb in micro]
+        chosen = next((r.with_checkpointed(0, layers) for r in runs[: len(micro)]
+                       if fewest_checkpointed_layers(model, r, budget) == 0), None)  # fmt: skip
+        for run in runs if chosen is None else ():
+            k = fewest_checkpointed_layers(model, run, budget)
+            if k is not None:
+                chosen = run.with_checkpointed(k, layers)
+                break
+        if chosen is not None:
+            if length < seq:
+                notes.append(f"max length cut from {seq} to {length} tokens to fit")
+            return Choice(chosen, estimate_memory(model, chosen), step_time_s(model, chosen, peak_tflops, mfu), budget,
+                          tuple(notes))
         length //= 2
     return None
 

@@ -1,13 +1,17 @@
-"""``gradient_checkpointing: auto``: the memory planner decides, for this launch's device and micro-batch.
+"""Gradient checkpointing: ``auto``'s decision (how many decoder layers the budget needs) and turning it on.
 
 Checkpointing saves one layer input per decoder layer instead of every activation, and costs a second forward of
-each layer in backward (~2N of ~4N FLOPs per token for a frozen 4-bit base, see :mod:`qlora_med.plan.estimate`):
-``auto`` turns it **off** when the planned peak of the step without it fits the device's memory (less the planner's
-margin), and **on** otherwise. The plan is :func:`qlora_med.plan.estimate.estimate_memory` of the stage as it will
-run (the micro-batch and accumulation :func:`qlora_med.train.autobatch.resolve_batch` chose, padded or padding-free,
-the recipe's LoRA and optimizer), on the device :func:`~qlora_med.train.autobatch.device_memory_gib` reports (the
-GPU's memory, or the RAM available now on CPU). With ``per_device_batch_size: auto`` the planner already prefers
-no checkpointing (:func:`~qlora_med.plan.estimate.choose_settings` tries it first), and this agrees with its choice.
+each layer in backward (~2N of ~4N FLOPs per token for a frozen 4-bit base, see :mod:`qlora_med.plan.estimate`).
+``auto`` checkpoints the **fewest** leading decoder layers that bring the planned peak within the device's memory
+(less the planner's margin): none when the step fits without it, all when nothing less fits, else the first k, so
+the recompute costs k/L of a full checkpointing's. The plan is :func:`qlora_med.plan.estimate.estimate_memory` of the
+stage as it will run (the micro-batch and accumulation :func:`qlora_med.train.autobatch.resolve_batch` chose, padded
+or padding-free, the recipe's LoRA and optimizer), on the device :func:`~qlora_med.train.autobatch.device_memory_gib`
+reports (the GPU's memory, or the RAM available now on CPU). With ``per_device_batch_size: auto`` the planner
+already minimises the checkpointed layers (:func:`~qlora_med.plan.estimate.choose_settings`), and this agrees.
+
+:func:`enable_checkpointing` turns transformers' activation checkpointing on and then off again for every layer but
+the first k of the language model's decoder (the frozen vision tower needs none: no gradient flows through it).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qlora_med.config.schema import RecipeConfig, StageConfig
+from qlora_med.plan.estimate import GIB, ModelShape, RunSpec, estimate_memory, fewest_checkpointed_layers
 from qlora_med.train.autobatch import device_memory_gib
 
 logger = logging.getLogger(__name__)
@@ -27,11 +32,14 @@ MARGIN = 0.10  # the planner's default: fragmentation and what it does not model
 
 @dataclass(frozen=True)
 class CheckpointingDecision:
-    """Whether the stage checkpoints, what the recipe said, and why."""
+    """Whether the stage checkpoints, how many of the decoder's layers (None: all), what the recipe said, why."""
 
     enabled: bool
     setting: bool | str
-    planned_peak_gib: float | None = None
+    layers: int | None = None
+    of_layers: int | None = None
+    planned_peak_gib: float | None = None  # the step as it will run
+    planned_peak_without_gib: float | None = None  # the step without checkpointing
     budget_gib: float | None = None
     device: str | None = None
 
@@ -40,9 +48,11 @@ class CheckpointingDecision:
         return dataclasses.asdict(self)
 
 
-def decide(planned_peak_gib: float, device_gib: float, margin: float = MARGIN) -> bool:
-    """Checkpointing on exactly when the step planned without it exceeds ``(1 - margin)`` of the device."""
-    return planned_peak_gib > device_gib * (1 - margin)
+def checkpointed_layers(shape: ModelShape, run: RunSpec, device_gib: float, margin: float = MARGIN) -> int:
+    """``auto``'s rule: the fewest leading decoder layers to checkpoint for ``run``'s planned step to fit
+    ``(1 - margin)`` of the device (0: off); every layer when nothing less fits."""
+    k = fewest_checkpointed_layers(shape, run, device_gib * (1 - margin) * GIB)
+    return shape.llm.layers if k is None else k
 
 
 def resolve_checkpointing(recipe: RecipeConfig, stage: StageConfig, world_size: int, micro_batch: int,
@@ -53,7 +63,6 @@ def resolve_checkpointing(recipe: RecipeConfig, stage: StageConfig, world_size: 
         return CheckpointingDecision(bool(stage.gradient_checkpointing), stage.gradient_checkpointing)
     import torch
 
-    from qlora_med.plan.estimate import GIB, estimate_memory
     from qlora_med.plan.recipe import run_for_stage, shape_for_run
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -61,15 +70,21 @@ def resolve_checkpointing(recipe: RecipeConfig, stage: StageConfig, world_size: 
     fixed = dataclasses.replace(stage, per_device_batch_size=micro_batch, gradient_accumulation_steps=accumulation,
                                 global_batch_size=None, gradient_checkpointing=False)  # fmt: skip
     run = run_for_stage(recipe, fixed, n_gpus=world_size, device=device)
-    peak = estimate_memory(shape_for_run(recipe, model_dir), run).peak_bytes / GIB
-    enabled = decide(peak, gib)
+    shape = shape_for_run(recipe, model_dir)
+    total = shape.llm.layers
+    k = checkpointed_layers(shape, run, gib)
+    without = estimate_memory(shape, run).peak_bytes / GIB
+    chosen = estimate_memory(shape, run.with_checkpointed(k, total)).peak_bytes / GIB
+    budget = gib * (1 - MARGIN)
+    what = "off" if k == 0 else "on for every layer" if k == total else f"on for the first {k} of {total} layers"
     logger.info(
         "stage %s: gradient checkpointing %s (auto): the step without it is planned at %.1f GiB, %s the %.1f GiB "
-        "budget of %s (%.1f GiB less %.0f%%; micro-batch %d, max_length %d)", stage.name,
-        "on" if enabled else "off", peak, "over" if enabled else "within", gib * (1 - MARGIN), name, gib,
-        MARGIN * 100, micro_batch, stage.max_length,
+        "budget of %s (%.1f GiB less %.0f%%; micro-batch %d, max_length %d)%s", stage.name, what, without,
+        "over" if k else "within", budget, name, gib, MARGIN * 100, micro_batch, stage.max_length,
+        f"; with it {chosen:.1f} GiB" if k else "",
     )  # fmt: skip
-    return CheckpointingDecision(enabled, "auto", round(peak, 2), round(gib * (1 - MARGIN), 2), name)
+    return CheckpointingDecision(k > 0, "auto", k if 0 < k < total else None, total, round(chosen, 2),
+                                 round(without, 2), round(budget, 2), name)
 
 
 def with_checkpointing(stage: StageConfig, decision: CheckpointingDecision) -> StageConfig:
@@ -77,3 +92,20 @@ def with_checkpointing(stage: StageConfig, decision: CheckpointingDecision) -> S
     if stage.gradient_checkpointing == decision.enabled:
         return stage
     return dataclasses.replace(stage, gradient_checkpointing=decision.enabled)
+
+
+def enable_checkpointing(model, layers: int | None = None) -> int:
+    """Checkpoint the first ``layers`` decoder layers of ``model``'s language model (None: all), nothing else;
+    returns how many are checkpointed. Non-reentrant, so no input needs ``requires_grad``."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    model = model.get_base_model() if hasattr(model, "get_base_model") else model  # under PEFT
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    decoder = list(model.get_decoder().layers)
+    keep = {id(layer) for layer in decoder[: len(decoder) if layers is None else layers]}
+    for module in model.modules():
+        if isinstance(module, GradientCheckpointingLayer):
+            module.gradient_checkpointing = id(module) in keep
+    count = len(keep)
+    logger.info("gradient checkpointing on %d of %d decoder layers", count, len(decoder))
+    return count

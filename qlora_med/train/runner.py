@@ -67,7 +67,8 @@ def train_stage(recipe: RecipeConfig, stage: StageConfig) -> dict:
     checkpointing = resolve_checkpointing(recipe, stage, launched_ranks()[1], plan.micro_batch, plan.accumulation,
                                           base_dir)
     stage = with_checkpointing(stage, checkpointing)  # a bool from here on: model, trainer and stage.json
-    model = setup_trainable(model, stage.train, recipe.lora, previous, stage.gradient_checkpointing)
+    model = setup_trainable(model, stage.train, recipe.lora, previous, stage.gradient_checkpointing,
+                            checkpointing.layers)
     kernels = apply_kernels(model, recipe.kernels, stage.padding_free)  # logs which path runs
 
     images = image_spec(model.config, processor, recipe.model.image_size, recipe.model.image_token)

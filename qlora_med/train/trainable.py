@@ -1,6 +1,6 @@
 """What a stage trains: apply its ``TrainSpec`` to the loaded model, and check a continued adapter's settings.
 
-``setup_trainable`` freezes every parameter, turns on gradient checkpointing, then either continues the
+``setup_trainable`` freezes every parameter, turns on gradient checkpointing (all or the first k decoder layers), then either continues the
 LoRA adapter found in the start point's ``final/`` (the previous stage's, or ``init_from``) or adds new
 adapters with the recipe's ``lora`` settings, keeps trainable weights fp32, loads the start point's
 projector and sets whether the projector trains. The table of what each stage kind trains is in
@@ -27,6 +27,7 @@ from qlora_med.config.stages import TrainSpec
 from qlora_med.errors import ConfigError
 from qlora_med.model.family import connector_parameters, family_of_config
 from qlora_med.model.load import lora_target_regex
+from qlora_med.train.checkpointing import enable_checkpointing
 
 logger = logging.getLogger(__name__)
 
@@ -90,8 +91,10 @@ def check_continued_adapter(stage: StageConfig, lora: LoraConfig, start: Path | 
         )
 
 
-def setup_trainable(model, train: TrainSpec, lora: LoraConfig, previous: Path | None, gradient_checkpointing: bool):
-    """Freeze everything, then enable what the stage trains; continue earlier adapters and projector.
+def setup_trainable(model, train: TrainSpec, lora: LoraConfig, previous: Path | None, gradient_checkpointing: bool,
+                    checkpoint_layers: int | None = None):
+    """Freeze everything, then enable what the stage trains; continue earlier adapters and projector. With
+    ``gradient_checkpointing``, the first ``checkpoint_layers`` decoder layers are checkpointed (None: all).
 
     Returns the model to train (a ``PeftModel`` when the LLM gets LoRA or an earlier stage trained it).
     """
@@ -101,7 +104,7 @@ def setup_trainable(model, train: TrainSpec, lora: LoraConfig, previous: Path | 
     for param in model.parameters():
         param.requires_grad_(False)
     if gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model, checkpoint_layers)
     if has_adapter(previous):
         model = PeftModel.from_pretrained(model, previous, is_trainable=train.llm == "lora")
         logger.info("continuing LoRA adapters from %s (%s)", previous, "trainable" if train.llm == "lora" else "frozen")

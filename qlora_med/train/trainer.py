@@ -102,8 +102,8 @@ def sft_config(stage: StageConfig, output_dir: Path, seed: int, compute_dtype: t
         use_cpu=not on_gpu,  # also makes `torchrun` on CPU a real gloo process group
         bf16=on_gpu and compute_dtype == torch.bfloat16,
         fp16=on_gpu and compute_dtype == torch.float16,
-        gradient_checkpointing=stage.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False},
+        activation_checkpointing=False,  # setup_trainable enabled it on exactly the chosen layers; the Trainer
+        # would enable it again on every layer at train() (its every_n_layers cannot say "the first k")
         dataloader_num_workers=stage.dataloader_workers,
         train_sampling_strategy=sampling_strategy(stage),
         length_column_name="num_tokens",

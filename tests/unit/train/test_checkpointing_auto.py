@@ -1,9 +1,10 @@
-"""`gradient_checkpointing: auto`: off when the planned step fits the device without it, on otherwise; logged and
-recorded in stage.json."""
+"""`gradient_checkpointing: auto`: off when the planned step fits the device without it, on for the fewest leading
+decoder layers that make it fit, on for all when nothing less does; logged and recorded in stage.json."""
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import logging
 from pathlib import Path
@@ -13,25 +14,55 @@ import yaml
 
 from qlora_med.config.loader import load_recipe
 from qlora_med.errors import ConfigError
-from qlora_med.plan.estimate import GIB, estimate_memory
+from qlora_med.plan.estimate import GIB, choose_settings, estimate_memory, fewest_checkpointed_layers
 from qlora_med.plan.recipe import run_for_stage, shape_from_recipe
 from qlora_med.train import checkpointing
-from qlora_med.train.checkpointing import decide, resolve_checkpointing, with_checkpointing
+from qlora_med.train.checkpointing import checkpointed_layers, resolve_checkpointing, with_checkpointing
 
 ROOT = Path(__file__).resolve().parents[3]
 RECIPE = ROOT / "recipes" / "llava_med_v15_24gb.yaml"  # micro-batch 8 at 2048 tokens; shape known by name
 
 
-def _planned_gib(recipe, stage, micro: int, ckpt: bool) -> float:
+def _run(recipe, stage, micro: int):
     fixed = dataclasses.replace(stage, per_device_batch_size=micro, gradient_accumulation_steps=128 // micro,
-                                global_batch_size=None, gradient_checkpointing=ckpt)  # fmt: skip
+                                global_batch_size=None, gradient_checkpointing=False)  # fmt: skip
     device = "cuda" if __import__("torch").cuda.is_available() else "cpu"
-    return estimate_memory(shape_from_recipe(recipe), run_for_stage(recipe, fixed, 1, device)).peak_bytes / GIB
+    return run_for_stage(recipe, fixed, 1, device)
 
 
-def test_decide_is_the_planner_budget():
-    assert decide(17.9, 20.0) is False and decide(18.1, 20.0) is True  # budget = 90% of the device
-    assert decide(10.0, 20.0, margin=0.6) is True
+def _planned_gib(recipe, stage, micro: int, layers: int | bool) -> float:
+    """Planned peak with the first ``layers`` decoder layers checkpointed (True: all, False: none)."""
+    shape = shape_from_recipe(recipe)
+    k = shape.llm.layers if layers is True else int(layers)
+    return estimate_memory(shape, _run(recipe, stage, micro).with_checkpointed(k, shape.llm.layers)).peak_bytes / GIB
+
+
+def test_each_checkpointed_layer_lowers_the_plan_and_the_fewest_that_fit_are_chosen():
+    recipe = load_recipe(RECIPE, [])
+    stage, shape = recipe.stage("align"), shape_from_recipe(recipe)
+    peaks = [_planned_gib(recipe, stage, 8, k) for k in range(shape.llm.layers + 1)]
+    assert all(a > b for a, b in itertools.pairwise(peaks))  # strictly: every layer trades activations for its input
+    run = _run(recipe, stage, 8)
+    for k in (0, 1, 13, shape.llm.layers):  # a budget just above k's peak needs exactly k layers
+        assert fewest_checkpointed_layers(shape, run, (peaks[k] + 1e-6) * GIB) == k
+        assert checkpointed_layers(shape, run, (peaks[k] + 1e-6) / 0.9) == k  # 90% of the device
+    assert fewest_checkpointed_layers(shape, run, (peaks[-1] - 0.01) * GIB) is None
+    assert checkpointed_layers(shape, run, peaks[-1] - 0.01) == shape.llm.layers  # nothing fits: all, as before
+    # none and all are the whole-model estimates (per-layer checkpointing only adds the cases between)
+    assert peaks[0] == pytest.approx(estimate_memory(shape, dataclasses.replace(run, grad_checkpointing=False))
+                                     .peak_bytes / GIB)  # fmt: skip
+    assert peaks[-1] == pytest.approx(estimate_memory(shape, dataclasses.replace(run, grad_checkpointing=True))
+                                      .peak_bytes / GIB)  # fmt: skip
+
+
+def test_fewer_checkpointed_layers_plan_less_recompute():
+    from qlora_med.plan.estimate import step_flops
+
+    recipe = load_recipe(RECIPE, [])
+    shape, run = shape_from_recipe(recipe), _run(recipe, recipe.stage("align"), 8)
+    flops = [step_flops(shape, run.with_checkpointed(k, 32)) for k in (0, 8, 16, 32)]
+    assert flops[0] < flops[1] < flops[2] < flops[3]
+    assert flops[2] - flops[0] == pytest.approx((flops[3] - flops[0]) / 2)  # recompute is linear in k
 
 
 def test_auto_turns_checkpointing_off_when_the_step_fits_and_on_when_it_does_not(monkeypatch, caplog):
@@ -40,19 +71,28 @@ def test_auto_turns_checkpointing_off_when_the_step_fits_and_on_when_it_does_not
     assert stage.gradient_checkpointing == "auto"
     without, with_ = _planned_gib(recipe, stage, 8, False), _planned_gib(recipe, stage, 8, True)
     assert with_ < without  # checkpointing is what saves the memory here
-    roomy, tight = without / 0.9 + 1, (without + with_) / 2 / 0.9
+    roomy, between, tight = without / 0.9 + 1, (without + with_) / 2 / 0.9, (with_ - 0.5) / 0.9
     monkeypatch.setattr(checkpointing, "device_memory_gib", lambda: (roomy, "roomy card"))
     with caplog.at_level(logging.INFO, logger="qlora_med.train.checkpointing"):
         off = resolve_checkpointing(recipe, stage, 1, 8, 16)
-    assert off.enabled is False and off.setting == "auto" and off.device == "roomy card"
-    assert off.planned_peak_gib == pytest.approx(without, abs=0.01)
+    assert off.enabled is False and off.setting == "auto" and off.device == "roomy card" and off.layers is None
+    assert off.planned_peak_gib == off.planned_peak_without_gib == pytest.approx(without, abs=0.01)
     assert "gradient checkpointing off (auto)" in caplog.text and "within" in caplog.text
-    monkeypatch.setattr(checkpointing, "device_memory_gib", lambda: (tight, "tight card"))
-    on = resolve_checkpointing(recipe, stage, 1, 8, 16)
-    assert on.enabled is True and on.budget_gib == pytest.approx(0.9 * tight, abs=0.01)
-    resolved = with_checkpointing(stage, on)
+    monkeypatch.setattr(checkpointing, "device_memory_gib", lambda: (between, "mid card"))
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="qlora_med.train.checkpointing"):
+        some = resolve_checkpointing(recipe, stage, 1, 8, 16)
+    assert some.enabled is True and 0 < some.layers < 32 and some.of_layers == 32
+    assert some.budget_gib == pytest.approx(0.9 * between, abs=0.01)
+    assert _planned_gib(recipe, stage, 8, some.layers) <= 0.9 * between < _planned_gib(recipe, stage, 8, some.layers - 1)
+    assert some.planned_peak_gib == pytest.approx(_planned_gib(recipe, stage, 8, some.layers), abs=0.01)
+    assert f"on for the first {some.layers} of 32 layers (auto)" in caplog.text
+    resolved = with_checkpointing(stage, some)
     assert resolved.gradient_checkpointing is True and stage.gradient_checkpointing == "auto"
-    assert with_checkpointing(resolved, on) is resolved
+    assert with_checkpointing(resolved, some) is resolved
+    monkeypatch.setattr(checkpointing, "device_memory_gib", lambda: (tight, "small card"))
+    every = resolve_checkpointing(recipe, stage, 1, 8, 16)
+    assert every.enabled is True and every.layers is None  # nothing fits: every layer, the smallest plan
 
 
 def test_auto_agrees_with_the_auto_batch_planner(monkeypatch):
@@ -68,10 +108,13 @@ def test_auto_agrees_with_the_auto_batch_planner(monkeypatch):
         monkeypatch.setattr(checkpointing, "device_memory_gib", lambda gib=gib: (gib, "card"))
         micro, accum = resolve_batch(recipe, stage, 1)
         decision = resolve_checkpointing(recipe, stage, 1, micro, accum)
-        assert _planned_gib(recipe, stage, micro, decision.enabled) <= 0.9 * gib
-        if not decision.enabled:
-            continue
-        assert _planned_gib(recipe, stage, micro, False) > 0.9 * gib  # on only when off does not fit
+        layers = decision.layers or (32 if decision.enabled else 0)
+        assert _planned_gib(recipe, stage, micro, layers) <= 0.9 * gib
+        if layers:  # one fewer layer would not fit
+            assert _planned_gib(recipe, stage, micro, layers - 1) > 0.9 * gib
+        choice = choose_settings(shape_from_recipe(recipe), gib, 1, 128, stage.max_length,
+                                 base=_run(recipe, stage, 1), min_seq=stage.max_length)  # fmt: skip
+        assert choice.run.micro_batch == micro and choice.run.checkpointed(32) == layers
 
 
 def test_fixed_settings_are_kept_without_asking_the_device(monkeypatch):
