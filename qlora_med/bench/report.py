@@ -37,6 +37,7 @@ class Summary:
     runs: list[Run]
     mfu: list[float]
     hfu: list[float]
+    x_base: list[float] = dataclasses.field(default_factory=list)  # tok/s over the baseline's in the same round
 
     def _values(self, key: str) -> list[float]:
         return [r.data[key] for r in self.runs if r.data.get(key) is not None]
@@ -50,8 +51,8 @@ class Summary:
         return self.runs[0].data
 
     def median(self, key: str) -> float:
-        values = self.tok_s if key == "tok_s" else self.mfu if key == "mfu" else self.hfu if key == "hfu" else (
-            self._values(key))  # fmt: skip
+        lists = {"tok_s": self.tok_s, "mfu": self.mfu, "hfu": self.hfu, "x_base": self.x_base}
+        values = lists[key] if key in lists else self._values(key)
         return statistics.median(values) if values else float("nan")
 
     @property
@@ -89,10 +90,12 @@ def summarise(result: BenchResult) -> list[Summary]:
     what = {v.name: v.what for v in result.variants}
     out = []
     for mix in spec.mixes:
+        base = {r.round: r.tokens_per_s for r in result.runs if r.mix == mix and r.variant == "baseline"}
         for v in result.variants:
             runs = [r for r in result.runs if r.mix == mix and r.variant == v.name]
             if not runs:
                 continue
+            x_base = [r.tokens_per_s / base[r.round] for r in runs if r.round in base]  # paired: drift cancels
             mfu, hfu = [], []
             for r in runs:
                 trained = Trained.from_result(r.data["trainable"], r.data["checkpointing"])
@@ -100,7 +103,7 @@ def summarise(result: BenchResult) -> list[Summary]:
                 if peak:
                     mfu.append(model_flops / r.data["seconds"] / peak)
                     hfu.append(hw_flops / r.data["seconds"] / peak)
-            out.append(Summary(mix, v.name, what[v.name], runs, mfu, hfu))
+            out.append(Summary(mix, v.name, what[v.name], runs, mfu, hfu, x_base))
     return out
 
 
@@ -110,7 +113,6 @@ def _share(checkpointing: bool | float) -> str:
 
 
 def rows(summaries: list[Summary]) -> list[dict[str, str]]:
-    base = {s.mix: s.median("tok_s") for s in summaries if s.variant == "baseline"}
     out = []
     for s in summaries:
         tok = s.tok_s
@@ -118,7 +120,8 @@ def rows(summaries: list[Summary]) -> list[dict[str, str]]:
             "variant": s.variant, "trains": s.lora_on, "NF4": s.nf4, "loss on": f"{s.loss_share:.0%} of tokens",
             "padded/real": f"{s.padding:.2f}", "ckpt": _share(s.first["checkpointing"]),
             "tok/s": f"{s.median('tok_s'):,.0f}", "min-max": f"{min(tok):,.0f}-{max(tok):,.0f}",
-            "x base": f"{s.median('tok_s') / base[s.mix]:.2f}" if s.mix in base else "",
+            "x base": f"{s.median('x_base'):.2f}" if s.x_base else "",
+            "x base min-max": f"{min(s.x_base):.2f}-{max(s.x_base):.2f}" if s.x_base else "",
             "peak RSS MiB": f"{s.median('peak_rss_mib'):,.0f}", "train MiB": f"{s.median('train_rss_mib'):,.0f}",
         }  # fmt: skip
         if "cuda_peak_allocated_mib" in s.first:
@@ -177,7 +180,8 @@ def header(result: BenchResult) -> str:
 
 LEGEND = (
     "tok/s: real (non-pad) tokens, image tokens included, per second of wall time over the measured steps (data "
-    "loading and collation included): median over rounds, min-max beside it. peak RSS: the worker's VmHWM over its "
+    "loading and collation included): median over rounds, min-max beside it. x base: tok/s over the baseline's in "
+    "the same round (paired, so drift of the machine between rounds cancels): median and min-max. peak RSS: the worker's VmHWM over its "
     "whole life (imports, model load, training); train MiB: that peak minus the RSS after imports. MFU / HFU: model "
     "FLOPs without / with checkpointing's recompute (qlora_med.bench.flops) per second over the matmul peak of the "
     "compute dtype. trains / NF4 / loss on: read from each worker's model and batches. padded/real: tokens computed "
@@ -193,7 +197,7 @@ def to_json(result: BenchResult, summaries: list[Summary]) -> dict:
         "contention": contention(summaries),
         "variants": [dataclasses.asdict(v) for v in result.variants],
         "table": rows(summaries),
-        "summary": [{"mix": s.mix, "variant": s.variant, "tok_s": s.tok_s, "mfu": s.mfu, "hfu": s.hfu,
+        "summary": [{"mix": s.mix, "variant": s.variant, "tok_s": s.tok_s, "x_base": s.x_base, "mfu": s.mfu, "hfu": s.hfu,
                      "peak_rss_mib": s._values("peak_rss_mib"), "train_rss_mib": s._values("train_rss_mib"),
                      "loss_share": s.loss_share, "padding": s.padding, "cpu_use_min": s.cpu_use}
                     for s in summaries],

@@ -29,11 +29,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--csv", type=Path, default=None,
                         help="append one row per result here (default OUT/bench_history.csv)")
     parser.add_argument("--no-csv", action="store_true", help="write no CSV row")
+    parser.add_argument("--compare", type=Path, default=None, metavar="BENCH_JSON",
+                        help="an earlier run's bench.json: check that this run reproduces it within its min-max "
+                             "(table appended to bench.md)")
     parser.add_argument("--profile", action="store_true",
                         help="instead: torch.profiler over a few CPU training steps of the kit (the first kit variant "
                              "of --variants); top ops and the share of time in NF4 dequant, LoRA, loss and optimizer; "
                              "writes OUT/profile.txt and profile.json")  # fmt: skip
     parser.add_argument("--profile-steps", type=int, default=3, help="profiled steps after one warm-up (default 3)")
+
+
+def _earlier(path: Path) -> dict:
+    """An earlier bench.json for ``--compare``, or one line saying what is wrong with it."""
+    import json
+
+    from qlora_med.errors import ConfigError
+
+    try:
+        report = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"bench --compare {path}: cannot read it as JSON ({err}); give a bench.json that "
+                          "`qlora-med bench` wrote") from None  # fmt: skip
+    if not isinstance(report, dict) or not isinstance(report.get("summary"), list):
+        raise ConfigError(f"bench --compare {path}: no 'summary' list; give a bench.json that `qlora-med bench` wrote")
+    return report
 
 
 def main(args: argparse.Namespace) -> int:
@@ -79,11 +98,22 @@ def main(args: argparse.Namespace) -> int:
     from qlora_med.bench.report import render, summarise, write_outputs
     from qlora_med.bench.suite import run_bench
 
+    earlier = _earlier(args.compare) if args.compare else None  # read now: this run may overwrite the file
     start = time.time()
     result = run_bench(spec, [known[n] for n in names], args.threads)
     summaries = summarise(result)
     print(render(result, summaries))
     csv_path = None if args.no_csv else (args.csv or args.out / "bench_history.csv")
     written = write_outputs(result, summaries, args.out, csv_path)
+    if earlier is not None:
+        import json
+
+        from qlora_med.bench import rerun
+
+        now = json.loads((args.out / "bench.json").read_text())
+        section = rerun.render(earlier, now, rerun.compare(earlier, now), str(args.compare))
+        print(section)
+        with (args.out / "bench.md").open("a") as f:
+            f.write(section + "\n")
     print(f"\n{time.time() - start:.0f} s in all; wrote {', '.join(str(p) for p in written)}")
     return 0

@@ -60,7 +60,8 @@ def test_medians_spreads_ratios_and_mfu(tiny_dir):
     summaries = summarise(result_of(runs, tiny_dir))
     table = rows(summaries)
     assert [r["tok/s"] for r in table] == ["100", "250"] and table[1]["min-max"] == "200-300"
-    assert [r["x base"] for r in table] == ["1.00", "2.50"]
+    assert [r["x base"] for r in table] == ["1.00", "3.00"]  # paired by round: 300/100, 200/120, 250/80
+    assert table[1]["x base min-max"] == "1.67-3.12" and table[0]["x base min-max"] == "1.00-1.00"
     assert table[1]["peak RSS MiB"] == "1,020" and table[1]["train MiB"] == "420"
     assert table[0]["loss on"] == "50% of tokens" and table[0]["padded/real"] == "1.20"
     assert table[0]["trains"] == "LoRA LLM + full projector" and table[0]["NF4"] == "LLM"

@@ -1,0 +1,94 @@
+"""Does a bench run reproduce an earlier one? (``qlora-med bench --compare EARLIER/bench.json``)
+
+Per (mix, variant) present in both runs, each quantity's median in the new run is checked against the earlier run's
+stated spread, its min-max over rounds: tokens/s, ``x base`` (tokens/s over the baseline's in the same round) and
+the absolute peak RSS (whose spread over rounds is a few MiB, so it also counts as reproduced within ``RSS_TOLERANCE``
+of the earlier median). The matmul peak measured by both runs is set beside them: when the machine itself got faster
+or slower, absolute tokens/s follow it and the paired ratios should not.
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass
+
+RSS_TOLERANCE = 0.05
+
+
+@dataclass(frozen=True)
+class Check:
+    """One quantity of one (mix, variant): the earlier run's median and min-max, the new median."""
+
+    mix: str
+    variant: str
+    quantity: str
+    then: float
+    low: float
+    high: float
+    now: float
+    tolerance: float = 0.0
+
+    @property
+    def change(self) -> float:
+        return self.now / self.then - 1
+
+    @property
+    def reproduced(self) -> bool:
+        return self.low <= self.now <= self.high or abs(self.change) <= self.tolerance
+
+
+def _series(report: dict) -> dict[tuple[str, str], dict[str, list[float]]]:
+    """Per (mix, variant): per-round tokens/s, paired x base and peak RSS from a bench.json (x base recomputed from
+    the rounds where an older file lacks it)."""
+    rows = {(s["mix"], s["variant"]): s for s in report["summary"]}
+    out = {}
+    for (mix, variant), s in rows.items():
+        base = rows.get((mix, "baseline"), {}).get("tok_s", [])
+        x_base = s.get("x_base") or [t / b for t, b in zip(s["tok_s"], base, strict=False)]
+        out[mix, variant] = {"tok/s": s["tok_s"], "x base": x_base, "peak RSS MiB": s["peak_rss_mib"]}
+    return out
+
+
+def compare(earlier: dict, now: dict) -> list[Check]:
+    """Checks of ``now`` (a bench.json) against ``earlier`` for every (mix, variant) and quantity both have."""
+    before, after = _series(earlier), _series(now)
+    checks = []
+    for key in [k for k in after if k in before]:
+        for quantity, values in before[key].items():
+            new = after[key][quantity]
+            if values and new and not (quantity == "x base" and key[1] == "baseline"):
+                tolerance = RSS_TOLERANCE if quantity == "peak RSS MiB" else 0.0
+                checks.append(Check(*key, quantity, statistics.median(values), min(values), max(values),
+                                    statistics.median(new), tolerance))  # fmt: skip
+    return checks
+
+
+def _peak(report: dict) -> float | None:
+    peaks = report.get("matmul_peak") or {}
+    entry = peaks.get(report.get("compute_dtype", "float32")) or peaks.get("float32")
+    return entry["flops"] if entry else None
+
+
+def render(earlier: dict, now: dict, checks: list[Check], source: str) -> str:
+    """A markdown section: the checks table, a count per quantity, and the two runs' matmul peaks."""
+    lines = [f"\n### Re-run against {source} ({earlier.get('date', '?')})\n",
+             "| mix | variant | quantity | earlier median (min-max) | now | change | within |",
+             "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for c in checks:
+        spread = f"{c.then:,.2f} ({c.low:,.2f}-{c.high:,.2f})" if c.quantity == "x base" else (
+            f"{c.then:,.0f} ({c.low:,.0f}-{c.high:,.0f})")  # fmt: skip
+        value = f"{c.now:,.2f}" if c.quantity == "x base" else f"{c.now:,.0f}"
+        within = "yes" if c.reproduced else "no"
+        lines.append(f"| {c.mix} | {c.variant} | {c.quantity} | {spread} | {value} | {c.change:+.1%} | {within} |")
+    lines.append("")
+    for quantity in dict.fromkeys(c.quantity for c in checks):
+        group = [c for c in checks if c.quantity == quantity]
+        extra = f" (or within {RSS_TOLERANCE:.0%})" if quantity == "peak RSS MiB" else ""
+        changes = [c.change for c in group]
+        lines.append(f"- {quantity}: {sum(c.reproduced for c in group)} of {len(group)} medians inside the earlier "
+                     f"run's min-max{extra}; changes {min(changes):+.1%} to {max(changes):+.1%}")  # fmt: skip
+    then_peak, now_peak = _peak(earlier), _peak(now)
+    if then_peak and now_peak:
+        lines.append(f"- matmul peak: {then_peak / 1e9:,.0f} then, {now_peak / 1e9:,.0f} GFLOP/s now "
+                     f"({now_peak / then_peak - 1:+.1%}): the machine's own speed between the runs")  # fmt: skip
+    return "\n".join(lines)
