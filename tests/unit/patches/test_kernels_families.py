@@ -25,7 +25,8 @@ from qlora_med.train.runner import train_stage
 ROOT = Path(__file__).resolve().parents[3]
 DEMO = ROOT / "recipes" / "demo_cpu.yaml"
 STEPS = ["stages.align.max_steps=3", "stages.align.per_device_batch_size=3", "stages.align.logging_steps=1",
-         "stages.align.warmup_ratio=0.0", "stages.align.save_steps=100", "lora.dropout=0.0"]  # fmt: skip
+         "stages.align.warmup_ratio=0.0", "stages.align.save_steps=100", "lora.dropout=0.0",
+         "model.compute_dtype=fp32"]  # fmt: skip
 PLAIN = ["kernels.nf4_lora=off", "kernels.loss=full", "kernels.liger=off", "stages.align.padding_free=false",
          "stages.align.sampling=random"]  # padded batches, in the same order as the packed ones
 KERNELS = ["kernels.nf4_lora=on", "kernels.loss=chunked", "kernels.chunk_size=16", "kernels.liger=off",
