@@ -13,8 +13,10 @@ compute dtype it is given, ``prepare_model_for_kbit_training`` (fp32 non-quantiz
 gradient checkpointing), ``get_peft_model`` with LoRA on the seven LLM linear layers, the projector trained in full,
 ``torch.optim.AdamW``; per step it reads the images from disk, pads them to square with the processor's mean colour,
 tokenizes the prompt and answers (Mistral ``[INST]`` format, or ``<s><image>caption\\n`` for captions), pads the
-batch, takes full logits and a shifted cross-entropy over the answer tokens, ``backward``, ``step``. On CUDA the
-forward runs under ``torch.autocast`` in the compute dtype, as the HF Trainer's ``bf16=True`` would.
+batch, takes full logits and a shifted cross-entropy over the answer tokens, ``backward``, ``step``. With a 16-bit
+compute dtype the forward runs under ``torch.autocast`` in it, on the GPU and on a CPU with native bf16 alike, as the
+HF Trainer's ``bf16=True`` would (``prepare_model_for_kbit_training`` leaves the frozen tower, projector and lm_head
+in fp32: without autocast they would compute in fp32).
 """
 
 from __future__ import annotations
@@ -158,7 +160,7 @@ def run(payload: dict) -> dict:
                         "labelled": int((batch["labels"] != IGNORE).sum())})  # fmt: skip
         labels = batch.pop("labels").to(device)
         inputs = {k: v.to(device) for k, v in batch.items()}
-        with torch.autocast(device, dtype=dtype, enabled=device == "cuda" and dtype != torch.float32):
+        with torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32):
             logits = model(**inputs).logits
         loss = shifted_cross_entropy(logits, labels)
         del logits

@@ -1,10 +1,11 @@
 """Does a bench run reproduce an earlier one? (``qlora-med bench --compare EARLIER/bench.json``)
 
 Per (mix, variant) present in both runs, each quantity's median in the new run is checked against the earlier run's
-stated spread, its min-max over rounds: tokens/s, ``x base`` (tokens/s over the baseline's in the same round) and
-the absolute peak RSS (whose spread over rounds is a few MiB, so it also counts as reproduced within ``RSS_TOLERANCE``
-of the earlier median). The matmul peak measured by both runs is set beside them: when the machine itself got faster
-or slower, absolute tokens/s follow it and the paired ratios should not.
+stated spread, its min-max over rounds: tokens/s; MFU (tokens/s times FLOPs per token over the matmul peak that each
+run measured on its own machine, so a machine that got faster or slower between the runs moves tokens/s but not
+MFU); ``x base`` (tokens/s over the baseline's in the same round); and the absolute peak RSS (whose spread over rounds
+is a few MiB, so it also counts as reproduced within ``RSS_TOLERANCE`` of the earlier median). The two runs' matmul
+peaks are set beside the table.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import statistics
 from dataclasses import dataclass
 
 RSS_TOLERANCE = 0.05
+FORMATS = {"x base": "{:,.2f}", "MFU": "{:.1%}"}  # the rest: whole numbers
 
 
 @dataclass(frozen=True)
@@ -38,14 +40,15 @@ class Check:
 
 
 def _series(report: dict) -> dict[tuple[str, str], dict[str, list[float]]]:
-    """Per (mix, variant): per-round tokens/s, paired x base and peak RSS from a bench.json (x base recomputed from
-    the rounds where an older file lacks it)."""
+    """Per (mix, variant): per-round tokens/s, MFU, paired x base and peak RSS from a bench.json (x base recomputed
+    from the rounds where an older file lacks it)."""
     rows = {(s["mix"], s["variant"]): s for s in report["summary"]}
     out = {}
     for (mix, variant), s in rows.items():
         base = rows.get((mix, "baseline"), {}).get("tok_s", [])
         x_base = s.get("x_base") or [t / b for t, b in zip(s["tok_s"], base, strict=False)]
-        out[mix, variant] = {"tok/s": s["tok_s"], "x base": x_base, "peak RSS MiB": s["peak_rss_mib"]}
+        out[mix, variant] = {"tok/s": s["tok_s"], "MFU": s.get("mfu", []), "x base": x_base,
+                             "peak RSS MiB": s["peak_rss_mib"]}
     return out
 
 
@@ -75,9 +78,8 @@ def render(earlier: dict, now: dict, checks: list[Check], source: str) -> str:
              "| mix | variant | quantity | earlier median (min-max) | now | change | within |",
              "|---|---|---|---|---|---|---|"]  # fmt: skip
     for c in checks:
-        spread = f"{c.then:,.2f} ({c.low:,.2f}-{c.high:,.2f})" if c.quantity == "x base" else (
-            f"{c.then:,.0f} ({c.low:,.0f}-{c.high:,.0f})")  # fmt: skip
-        value = f"{c.now:,.2f}" if c.quantity == "x base" else f"{c.now:,.0f}"
+        fmt = FORMATS.get(c.quantity, "{:,.0f}").format
+        spread, value = f"{fmt(c.then)} ({fmt(c.low)}-{fmt(c.high)})", fmt(c.now)
         within = "yes" if c.reproduced else "no"
         lines.append(f"| {c.mix} | {c.variant} | {c.quantity} | {spread} | {value} | {c.change:+.1%} | {within} |")
     lines.append("")

@@ -31,7 +31,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-csv", action="store_true", help="write no CSV row")
     parser.add_argument("--compare", type=Path, default=None, metavar="BENCH_JSON",
                         help="an earlier run's bench.json: check that this run reproduces it within its min-max "
-                             "(table appended to bench.md)")
+                             "(OUT/compare.md, also appended to bench.md)")
+    parser.add_argument("--readme", type=Path, default=None, metavar="README",
+                        help="refresh README's copies of this run's bench.md and compare.md (the blocks between "
+                             "'<!-- copy of PATH -->' and '<!-- end of PATH -->')")
     parser.add_argument("--profile", action="store_true",
                         help="instead: torch.profiler over a few CPU training steps of the kit (the first kit variant "
                              "of --variants); top ops and the share of time in NF4 dequant, LoRA, loss and optimizer; "
@@ -99,6 +102,11 @@ def main(args: argparse.Namespace) -> int:
     from qlora_med.bench.suite import run_bench
 
     earlier = _earlier(args.compare) if args.compare else None  # read now: this run may overwrite the file
+    if args.readme is not None:
+        from qlora_med.bench.embed import check
+
+        outputs = [args.out / "bench.md", *([args.out / "compare.md"] if args.compare else [])]
+        check(args.readme, outputs)  # a README without a block for them fails now, not after the run
     start = time.time()
     result = run_bench(spec, [known[n] for n in names], args.threads)
     summaries = summarise(result)
@@ -115,5 +123,12 @@ def main(args: argparse.Namespace) -> int:
         print(section)
         with (args.out / "bench.md").open("a") as f:
             f.write(section + "\n")
+        (args.out / "compare.md").write_text(section.lstrip("\n") + "\n")
+        written.append(args.out / "compare.md")
+    if args.readme is not None:
+        from qlora_med.bench.embed import refresh
+
+        refreshed = refresh(args.readme, [p for p in written if p.suffix == ".md"])
+        print(f"refreshed {args.readme}: {', '.join(refreshed)}")
     print(f"\n{time.time() - start:.0f} s in all; wrote {', '.join(str(p) for p in written)}")
     return 0

@@ -3,6 +3,7 @@ moves absolute tokens/s but not the paired ratios; a bad earlier file is one lin
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -17,19 +18,17 @@ BASE, KIT = (100, 120, 80), (300, 330, 250)
 
 
 def report_of(tiny_dir, speed: float = 1.0, rss: float = 1500) -> dict:
-    """A bench.json with every round ``speed`` times faster (the machine, not the code)."""
+    """A bench.json with every round ``speed`` times faster (the machine, not the code: its matmul peak too)."""
     runs = [Run(r, "instruct", "baseline", fake(t * speed, 2 * rss)) for r, t in zip((1, 2, 3), BASE, strict=True)]
     runs += [Run(r, "instruct", "kit", fake(t * speed, rss)) for r, t in zip((1, 2, 3), KIT, strict=True)]
-    result = result_of(runs, tiny_dir)
-    report = to_json(result, summarise(result))
-    report["matmul_peak"] = {"float32": {"flops": 1e11 * speed}}
-    return report
+    result = dataclasses.replace(result_of(runs, tiny_dir), peaks={"float32": {"flops": 1e11 * speed}})
+    return to_json(result, summarise(result))
 
 
 def test_the_same_run_reproduces_everything(tiny_dir):
     checks = rerun.compare(report_of(tiny_dir), report_of(tiny_dir))
-    assert {(c.variant, c.quantity) for c in checks} == {("baseline", "tok/s"), ("baseline", "peak RSS MiB"),
-                                                         ("kit", "tok/s"), ("kit", "x base"), ("kit", "peak RSS MiB")}
+    assert {(c.variant, c.quantity) for c in checks} == {
+        (v, q) for v in ("baseline", "kit") for q in ("tok/s", "MFU", "peak RSS MiB")} | {("kit", "x base")}
     assert all(c.reproduced and c.change == 0 for c in checks)
 
 
@@ -38,12 +37,13 @@ def test_a_faster_machine_moves_tokens_per_second_not_the_ratios(tiny_dir):
     checks = {(c.variant, c.quantity): c for c in rerun.compare(earlier, now)}
     assert not checks["kit", "tok/s"].reproduced and checks["kit", "tok/s"].change == pytest.approx(0.5)
     assert checks["kit", "x base"].reproduced and checks["kit", "x base"].now == pytest.approx(300 / 100)  # median
+    assert checks["kit", "MFU"].reproduced and checks["kit", "MFU"].change == pytest.approx(0)  # peak moved alike
     assert checks["kit", "peak RSS MiB"].reproduced  # +2.7%: within the 5% allowed beside a min-max of 0
     assert not rerun.compare(earlier, report_of(tiny_dir, rss=1700))[-1].reproduced  # +13% is a change
     text = rerun.render(earlier, now, list(checks.values()), "old/bench.json")
     assert "| instruct | kit | tok/s | 300 (250-330) | 450 | +50.0% | no |" in text
     assert "- tok/s: 0 of 2 medians inside the earlier run's min-max" in text
-    assert "- x base: 1 of 1 medians" in text and "(+50.0%): the machine's own speed" in text
+    assert "- x base: 1 of 1 medians" in text and "- MFU: 2 of 2 medians" in text and "(+50.0%): the machine's own speed" in text
 
 
 def test_an_older_bench_json_without_ratios_gets_them_from_its_rounds(tiny_dir):
@@ -65,6 +65,8 @@ def test_cli_compare_appends_the_check_and_refuses_a_bad_file(monkeypatch, tmp_p
     assert cli_main(["bench", "--quick", "--out", str(out), "--no-csv", "--compare", str(earlier)]) == 0
     assert "### Re-run against" in capsys.readouterr().out
     assert "| instruct | kit | x base |" in (out / "bench.md").read_text()
+    compared = (out / "compare.md").read_text()
+    assert compared.startswith("### Re-run against") and "| instruct | kit | MFU |" in compared
     (tmp_path / "broken.json").write_text("{not json")
     assert cli_main(["bench", "--quick", "--no-csv", "--compare", str(tmp_path / "broken.json")]) == 1
     assert "bench --compare" in caplog.text and "cannot read it as JSON" in caplog.text
