@@ -32,6 +32,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compare", type=Path, default=None, metavar="BENCH_JSON",
                         help="an earlier run's bench.json: check that this run reproduces it within its min-max "
                              "(OUT/compare.md, also appended to bench.md)")
+    parser.add_argument("--against", type=Path, default=None, metavar="BENCH_JSON",
+                        help="with --compare: check this later run's bench.json instead of running anything "
+                             "(writes OUT/compare.md)")
     parser.add_argument("--readme", type=Path, default=None, metavar="README",
                         help="refresh README's copies of this run's bench.md and compare.md (the blocks between "
                              "'<!-- copy of PATH -->' and '<!-- end of PATH -->')")
@@ -42,8 +45,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--profile-steps", type=int, default=3, help="profiled steps after one warm-up (default 3)")
 
 
-def _earlier(path: Path) -> dict:
-    """An earlier bench.json for ``--compare``, or one line saying what is wrong with it."""
+def _bench_json(path: Path, option: str = "--compare") -> dict:
+    """A bench.json given to ``option``, or one line saying what is wrong with it."""
     import json
 
     from qlora_med.errors import ConfigError
@@ -51,10 +54,10 @@ def _earlier(path: Path) -> dict:
     try:
         report = json.loads(path.read_text())
     except (OSError, ValueError) as err:
-        raise ConfigError(f"bench --compare {path}: cannot read it as JSON ({err}); give a bench.json that "
+        raise ConfigError(f"bench {option} {path}: cannot read it as JSON ({err}); give a bench.json that "
                           "`qlora-med bench` wrote") from None  # fmt: skip
     if not isinstance(report, dict) or not isinstance(report.get("summary"), list):
-        raise ConfigError(f"bench --compare {path}: no 'summary' list; give a bench.json that `qlora-med bench` wrote")
+        raise ConfigError(f"bench {option} {path}: no 'summary' list; give a bench.json that `qlora-med bench` wrote")
     return report
 
 
@@ -98,31 +101,35 @@ def main(args: argparse.Namespace) -> int:
         print(f"\nwrote {args.out / 'profile.txt'} and {args.out / 'profile.json'}")
         return 0
 
-    from qlora_med.bench.report import render, summarise, write_outputs
-    from qlora_med.bench.suite import run_bench
-
-    earlier = _earlier(args.compare) if args.compare else None  # read now: this run may overwrite the file
+    earlier = _bench_json(args.compare) if args.compare else None  # read now: this run may overwrite the file
+    if args.against is not None and earlier is None:
+        raise ConfigError("bench --against needs --compare EARLIER/bench.json: the run to check it against")
     if args.readme is not None:
         from qlora_med.bench.embed import check
 
-        outputs = [args.out / "bench.md", *([args.out / "compare.md"] if args.compare else [])]
-        check(args.readme, outputs)  # a README without a block for them fails now, not after the run
+        compared = [args.out / "compare.md"] if earlier else []
+        check(args.readme, compared if args.against else [args.out / "bench.md", *compared])
     start = time.time()
-    result = run_bench(spec, [known[n] for n in names], args.threads)
-    summaries = summarise(result)
-    print(render(result, summaries))
-    csv_path = None if args.no_csv else (args.csv or args.out / "bench_history.csv")
-    written = write_outputs(result, summaries, args.out, csv_path)
-    if earlier is not None:
-        import json
+    written: list[Path] = []
+    if args.against is None:
+        from qlora_med.bench.report import render, summarise, write_outputs
+        from qlora_med.bench.suite import run_bench
 
+        result = run_bench(spec, [known[n] for n in names], args.threads)
+        summaries = summarise(result)
+        print(render(result, summaries))
+        csv_path = None if args.no_csv else (args.csv or args.out / "bench_history.csv")
+        written = write_outputs(result, summaries, args.out, csv_path)
+    if earlier is not None:
         from qlora_med.bench import rerun
 
-        now = json.loads((args.out / "bench.json").read_text())
+        now = _bench_json(args.against, "--against") if args.against else _bench_json(args.out / "bench.json", "run")
         section = rerun.render(earlier, now, rerun.compare(earlier, now), str(args.compare))
         print(section)
-        with (args.out / "bench.md").open("a") as f:
-            f.write(section + "\n")
+        if args.against is None:
+            with (args.out / "bench.md").open("a") as f:
+                f.write(section + "\n")
+        args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "compare.md").write_text(section.lstrip("\n") + "\n")
         written.append(args.out / "compare.md")
     if args.readme is not None:

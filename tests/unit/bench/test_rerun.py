@@ -7,6 +7,7 @@ import dataclasses
 import json
 
 import pytest
+import torch
 from test_bench import fake, result_of
 
 from qlora_med.bench import rerun
@@ -41,9 +42,24 @@ def test_a_faster_machine_moves_tokens_per_second_not_the_ratios(tiny_dir):
     assert checks["kit", "peak RSS MiB"].reproduced  # +2.7%: within the 5% allowed beside a min-max of 0
     assert not rerun.compare(earlier, report_of(tiny_dir, rss=1700))[-1].reproduced  # +13% is a change
     text = rerun.render(earlier, now, list(checks.values()), "old/bench.json")
-    assert "| instruct | kit | tok/s | 300 (250-330) | 450 | +50.0% | no |" in text
-    assert "- tok/s: 0 of 2 medians inside the earlier run's min-max" in text
+    assert "| instruct | kit | tok/s | 300 (250-330) | 450 (375-495) | +50.0% | no | no |" in text
+    assert not checks["kit", "tok/s"].overlaps and checks["baseline", "tok/s"].overlaps  # 80-120 and 120-180 touch
+    assert "- tok/s: 0 of 2 medians inside the earlier run's min-max, 1 of 2 ranges overlap" in text
+    assert "With 3 rounds and nothing changed, a median lands inside the other run's min-max 60%" in text
     assert "- x base: 1 of 1 medians" in text and "- MFU: 2 of 2 medians" in text and "(+50.0%): the machine's own speed" in text
+
+
+def test_chance_rates_match_a_simulation():
+    """The rates the report prints beside its counts: two runs of i.i.d. rounds, nothing changed."""
+    gen = torch.Generator().manual_seed(0)
+    for rounds in (3, 5):
+        a, b = torch.randn(20000, rounds, generator=gen), torch.randn(20000, rounds, generator=gen)
+        median = b.median(dim=1).values
+        inside = ((a.min(1).values <= median) & (median <= a.max(1).values)).float().mean().item()
+        overlap = (torch.maximum(a.min(1).values, b.min(1).values) <= torch.minimum(a.max(1).values, b.max(1).values))
+        assert inside == pytest.approx(rerun.chance_inside(rounds), abs=0.015)
+        assert overlap.float().mean().item() == pytest.approx(rerun.chance_overlap(rounds), abs=0.015)
+    assert rerun.chance_inside(3) == pytest.approx(0.6) and rerun.chance_overlap(3) == pytest.approx(0.9)
 
 
 def test_an_older_bench_json_without_ratios_gets_them_from_its_rounds(tiny_dir):
@@ -67,6 +83,13 @@ def test_cli_compare_appends_the_check_and_refuses_a_bad_file(monkeypatch, tmp_p
     assert "| instruct | kit | x base |" in (out / "bench.md").read_text()
     compared = (out / "compare.md").read_text()
     assert compared.startswith("### Re-run against") and "| instruct | kit | MFU |" in compared
+    readme = tmp_path / "README.md"
+    readme.write_text("<!-- copy of again/compare.md -->\n<!-- end of again/compare.md -->\n")
+    monkeypatch.setattr("qlora_med.bench.suite.run_bench", lambda *a: pytest.fail("--against runs nothing"))
+    assert cli_main(["bench", "--out", str(tmp_path / "again"), "--compare", str(earlier), "--against",
+                     str(out / "bench.json"), "--readme", str(readme)]) == 0  # fmt: skip
+    assert "| instruct | kit | MFU |" in readme.read_text() and not (tmp_path / "again" / "bench.md").exists()
+    assert cli_main(["bench", "--against", str(out / "bench.json")]) == 1 and "needs --compare" in caplog.text
     (tmp_path / "broken.json").write_text("{not json")
     assert cli_main(["bench", "--quick", "--no-csv", "--compare", str(tmp_path / "broken.json")]) == 1
     assert "bench --compare" in caplog.text and "cannot read it as JSON" in caplog.text
