@@ -112,7 +112,7 @@ def main(args: argparse.Namespace) -> int:
     start = time.time()
     written: list[Path] = []
     if args.against is None:
-        from qlora_med.bench.report import render, summarise, write_outputs
+        from qlora_med.bench.report import render, summarise, to_json, write_outputs
         from qlora_med.bench.suite import run_bench
 
         result = run_bench(spec, [known[n] for n in names], args.threads)
@@ -122,15 +122,16 @@ def main(args: argparse.Namespace) -> int:
         written = write_outputs(result, summaries, args.out, csv_path)
     if earlier is not None:
         from qlora_med.bench import rerun
+        from qlora_med.io import atomic_write_text
 
-        now = _bench_json(args.against, "--against") if args.against else _bench_json(args.out / "bench.json", "run")
+        now = _bench_json(args.against, "--against") if args.against else to_json(result, summaries)
         section = rerun.render(earlier, now, rerun.compare(earlier, now), str(args.compare))
         print(section)
         if args.against is None:
             with (args.out / "bench.md").open("a") as f:
                 f.write(section + "\n")
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "compare.md").write_text(section.lstrip("\n") + "\n")
+        atomic_write_text(args.out / "compare.md", section.lstrip("\n") + "\n")
         written.append(args.out / "compare.md")
     if args.readme is not None:
         from qlora_med.bench.embed import refresh
